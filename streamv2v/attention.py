@@ -1,0 +1,169 @@
+"""Attention processors that connect a diffusers UNet to the feature bank.
+
+One small class per behaviour, as diffusers does it: ``BankSelfAttnProcessor`` runs a
+self-attention layer with extended attention, feature fusion and the bank update; every other
+layer keeps a plain processor. The attention kernel itself is chosen once (PyTorch SDPA, or
+xformers when it is installed and works on the device) and shared by both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .bank import FeatureBank, extend, fuse, self_attention_layers
+
+log = logging.getLogger(__name__)
+
+# (query, key, value, heads) -> output; q/k/v are [batch, tokens, heads * head_dim].
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def sdpa_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int
+) -> torch.Tensor:
+    batch, _, inner = query.shape
+    head_dim = inner // heads
+    q, k, v = (x.view(batch, -1, heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(batch, -1, inner).to(query.dtype)
+
+
+def xformers_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int
+) -> torch.Tensor:
+    import xformers.ops
+
+    batch, _, inner = query.shape
+    head_dim = inner // heads
+    q, k, v = (x.view(batch, -1, heads, head_dim) for x in (query, key, value))
+    out = xformers.ops.memory_efficient_attention(q, k, v)
+    return out.reshape(batch, -1, inner).to(query.dtype)
+
+
+def pick_attention_kernel(device: torch.device, dtype: torch.dtype) -> tuple[str, AttentionKernel]:
+    """xformers when installed and working on this device, PyTorch SDPA otherwise.
+
+    xformers is tried on a tiny input first: a build that imports but lacks kernels for this
+    GPU or dtype would otherwise fail in the middle of the first frame.
+    """
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        return "sdpa", sdpa_attention
+    try:
+        probe = torch.zeros(1, 8, 64, device=device, dtype=dtype)
+        xformers_attention(probe, probe, probe, 1)
+    except Exception as exc:  # any failure means "not usable here", never a crash
+        log.info("xformers is installed but unusable on %s (%s); using PyTorch SDPA", device, exc)
+        return "sdpa", sdpa_attention
+    return "xformers", xformers_attention
+
+
+def _project(attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
+    """q/k/v projections as diffusers' ``Attention`` defines them (SD1.5: no norms, no mask)."""
+    if attn.spatial_norm is not None or attn.group_norm is not None:
+        raise NotImplementedError("attention layers with spatial/group norm are not SD1.5 layers")
+    query = attn.to_q(hidden_states)
+    if context is None:
+        context = hidden_states
+    elif attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    return query, attn.to_k(context), attn.to_v(context)
+
+
+def _finish(attn, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+class PlainAttnProcessor:
+    """Ordinary attention (cross-attention, and every layer when there is no bank)."""
+
+    def __init__(self, kernel: AttentionKernel) -> None:
+        self.kernel = kernel
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if attention_mask is not None:
+            raise NotImplementedError("attention masks are not used by SD1.5 UNets")
+        query, key, value = _project(attn, hidden_states, encoder_hidden_states)
+        out = self.kernel(query, key, value, attn.heads)
+        return _finish(attn, out, hidden_states)
+
+
+class BankSelfAttnProcessor:
+    """Self-attention that reads the bank (EA, FF) and then offers this frame to it.
+
+    Order within a layer follows the authors: attend over ``[K_t, K_fb]``, project, fuse the
+    output with the bank's outputs (fusion layers only), and record the *pre-fusion* K, V, O.
+    The bank is read before it is updated, so a frame never attends to itself twice.
+    """
+
+    def __init__(
+        self,
+        bank: FeatureBank,
+        layer: str,
+        kernel: AttentionKernel,
+    ) -> None:
+        self.bank = bank
+        self.layer = layer
+        self.kernel = kernel
+        config = bank.config
+        self.extended = config.extended_attention
+        self.fusing = config.fuses(layer)
+        self.strength = config.fusion_strength
+        self.threshold = config.fusion_threshold
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise NotImplementedError(f"{self.layer} is not a plain self-attention layer")
+        query, key, value = _project(attn, hidden_states, None)
+        bank_k, bank_v, bank_o = self.bank.read(self.layer, key)
+        if self.extended:
+            out = self.kernel(query, extend(key, bank_k), extend(value, bank_v), attn.heads)
+        else:
+            out = self.kernel(query, key, value, attn.heads)
+        out = _finish(attn, out, hidden_states)
+        self.bank.record(self.layer, key, value, out)
+        if self.fusing and bank_o is not None:
+            out = fuse(out, bank_o, self.strength, self.threshold)
+        return out
+
+
+def bank_processors(
+    processor_names: list[str], bank: FeatureBank | None, kernel: AttentionKernel
+) -> dict[str, object]:
+    """A full processor map for ``UNet2DConditionModel.set_attn_processor``."""
+    self_layers = set(self_attention_layers(processor_names)) if bank is not None else set()
+    processors: dict[str, object] = {}
+    plain = PlainAttnProcessor(kernel)
+    for name in processor_names:
+        layer = name.removesuffix(".processor")
+        if bank is not None and bank.config.enabled and layer in self_layers:
+            processors[name] = BankSelfAttnProcessor(bank, layer, kernel)
+        else:
+            processors[name] = plain
+    return processors

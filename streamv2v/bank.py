@@ -1,0 +1,443 @@
+"""The feature bank: the paper's contribution, as plain tensor functions plus a state object.
+
+The math (``extend``, ``fuse``, ``dyme_merge``) is kept free of any model or processor so a
+second backend (for example ComfyUI's own attention hooks) can reuse it unchanged. The state
+(``FeatureBank``) belongs to whoever runs the stream: it can be reset, inspected, saved and
+restored, and it never grows past its configured size however long the video is.
+
+Tensors in the bank are ``[rows, tokens, dim]`` where rows are the UNet batch rows (one per
+stream-batch slot, plus the unconditional rows when CFG adds them), exactly as the authors'
+attention processors keep them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import StreamV2VError
+
+BANK_KINDS = ("dyme", "queue", "none")
+# Low-resolution decoder layers (DESIGN.md): SD1.5 has no attention in up_blocks.0, the name is
+# kept so the rule reads as the paper states it and covers UNets that do have one there.
+FUSION_LAYERS = ("mid_block", "up_blocks.0", "up_blocks.1")
+BANK_FILE_FORMAT = "streamv2v-feature-bank"
+BANK_FILE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# The math
+# --------------------------------------------------------------------------------------------
+
+
+def extend(current: torch.Tensor, bank: torch.Tensor | None) -> torch.Tensor:
+    """Extended attention's token set: the current frame's tokens, then the bank's (Eq. 1)."""
+    if bank is None:
+        return current
+    return torch.cat([current, bank], dim=1)
+
+
+def fuse(
+    output: torch.Tensor, bank_output: torch.Tensor, strength: float, threshold: float
+) -> torch.Tensor:
+    """Feature fusion (Eq. 2): blend each token with its most similar bank token.
+
+    A token moves towards its nearest bank token only where that cosine similarity reaches
+    ``threshold``; elsewhere the token is kept, so new content is never smeared by old frames.
+    """
+    out_n = F.normalize(output, p=2, dim=-1)
+    bank_n = F.normalize(bank_output, p=2, dim=-1)
+    similarity = torch.matmul(out_n, bank_n.transpose(1, 2))
+    best, index = similarity.max(dim=-1)
+    nearest = torch.gather(bank_output, 1, index.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
+    keep = (best < threshold).unsqueeze(-1)
+    target = torch.where(keep, output, nearest)
+    return output * (1 - strength) + strength * target
+
+
+def dyme_merge(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    outputs: torch.Tensor,
+    generator: torch.Generator | None,
+    ratio: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dynamic merging: halve the token count by averaging similar tokens.
+
+    Tokens are split at random (per row) into ``src`` (the first ``ratio`` of a permutation)
+    and ``dst``; each src token joins the dst token whose *key* is most similar, and every dst
+    token becomes the mean of itself and what joined it. K, V and O share one matching so the
+    merged tokens stay consistent with each other. Random splits keep the bank from always
+    dropping the same spatial positions.
+    """
+    rows, tokens, _ = keys.shape
+    order = torch.rand(rows, tokens, 1, device=keys.device, generator=generator).argsort(dim=1)
+    n_src = int(ratio * tokens)
+    src_idx, dst_idx = order[:, :n_src, :], order[:, n_src:, :]
+
+    def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        width = x.shape[-1]
+        return (
+            x.gather(1, src_idx.expand(rows, n_src, width)),
+            x.gather(1, dst_idx.expand(rows, tokens - n_src, width)),
+        )
+
+    metric = keys / keys.norm(dim=-1, keepdim=True)
+    src_m, dst_m = split(metric)
+    match = (src_m @ dst_m.transpose(-1, -2)).argmax(dim=-1, keepdim=True)
+
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        src, dst = split(x)
+        index = match.expand(rows, n_src, x.shape[-1])
+        return dst.scatter_reduce(1, index, src, reduce="mean", include_self=True)
+
+    return merge(keys), merge(values), merge(outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """How the bank reads and grows; defaults are the paper's."""
+
+    kind: str = "dyme"
+    size: int = 1
+    interval: int = 4
+    extended_attention: bool = True
+    fusion: bool = True
+    fusion_strength: float = 0.8
+    fusion_threshold: float = 0.98
+    fusion_layers: tuple[str, ...] = FUSION_LAYERS
+    merge_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in BANK_KINDS:
+            raise StreamV2VError(
+                f"bank kind {self.kind!r} is unknown: use one of {', '.join(BANK_KINDS)}"
+            )
+        if self.kind == "none":
+            if self.size != 1 or self.interval != 4:
+                raise StreamV2VError(
+                    "bank size and interval have no effect with bank kind 'none': leave them at "
+                    "their defaults or pick bank kind 'dyme' or 'queue'"
+                )
+            return
+        if not isinstance(self.size, int) or self.size < 1:
+            raise StreamV2VError(f"bank size must be a whole number >= 1, got {self.size!r}")
+        if self.kind == "dyme" and self.size != 1:
+            raise StreamV2VError(
+                f"bank size {self.size} has no effect with the 'dyme' bank, which always holds one "
+                "frame's worth of merged tokens: use bank size 1, or bank kind 'queue' to keep "
+                "several frames"
+            )
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise StreamV2VError(
+                f"bank update interval must be a whole number of frames >= 1, got {self.interval!r}"
+            )
+        if not (self.extended_attention or self.fusion):
+            raise StreamV2VError(
+                "with both extended attention and feature fusion off the bank has no effect: "
+                "turn one on, or choose bank kind 'none'"
+            )
+        if not 0.0 <= self.fusion_strength <= 1.0:
+            raise StreamV2VError(
+                f"fusion strength must be within 0..1, got {self.fusion_strength} (paper: 0.8)"
+            )
+        if not -1.0 <= self.fusion_threshold <= 1.0:
+            raise StreamV2VError(
+                f"fusion threshold is a cosine similarity within -1..1, got "
+                f"{self.fusion_threshold} (paper: 0.98)"
+            )
+        if not 0.0 < self.merge_ratio < 1.0:
+            raise StreamV2VError(f"merge ratio must be within (0, 1), got {self.merge_ratio}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    def fuses(self, layer: str) -> bool:
+        """Whether feature fusion runs in ``layer`` (a diffusers attention module path)."""
+        return self.fusion and any(
+            layer == prefix or layer.startswith(prefix + ".") for prefix in self.fusion_layers
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerEntries:
+    """One layer's bank: a list of (K, V, O) token sets, oldest first."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def tokens(self) -> int:
+        return sum(k.shape[1] for k in self.keys)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.outputs))
+
+
+class FeatureBank:
+    """Per-layer keys, values and outputs of past frames, owned by the caller.
+
+    The stream drives it with ``begin_step``/``end_step`` around each UNet call; attention
+    processors ``read`` and ``record`` per layer. The update decision is made once per call so
+    every layer agrees on whether this frame is absorbed (every ``interval`` frames, counting
+    from the first).
+    """
+
+    def __init__(self, config: BankConfig | None = None) -> None:
+        self.config = config or BankConfig()
+        self.layers: dict[str, LayerEntries] = {}
+        self.steps = 0
+        self.frames_absorbed = 0
+        self.generator: torch.Generator | None = None
+        self.seed: int | None = None
+        self._updating = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def bind(self, device: torch.device, seed: int) -> None:
+        """Give the bank its random source on the model's device, seeded by the stream's seed.
+
+        A bank that already has a generator (restored, or continuing a stream) keeps it, so a
+        continued stream draws the same partitions it would have drawn uninterrupted.
+        """
+        device = torch.device(device)
+        if self.generator is not None and self.generator.device.type == device.type:
+            return
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.seed = seed
+
+    def reset(self) -> None:
+        """Forget every stored frame; the next frame seeds the bank afresh."""
+        self.layers.clear()
+        self.steps = 0
+        self.frames_absorbed = 0
+        self._updating = False
+        if self.generator is not None and self.seed is not None:
+            self.generator.manual_seed(self.seed)
+
+    def begin_step(self) -> None:
+        self._updating = self.config.enabled and self.steps % self.config.interval == 0
+
+    def end_step(self) -> None:
+        if self._updating:
+            self.frames_absorbed += 1
+        self.steps += 1
+        self._updating = False
+
+    # -- per-layer access (called by the attention processors) ---------------------------------
+
+    def read(
+        self, layer: str, like: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The bank's K, V, O for ``layer`` (None when empty), checked against ``like``.
+
+        ``like`` is the current frame's keys: a bank filled by a stream of another model,
+        resolution or batch layout cannot be attended to, and saying so beats a shape error.
+        """
+        entries = self.layers.get(layer)
+        if not entries:
+            return None, None, None
+        stored = entries.keys[0]
+        if stored.shape[0] != like.shape[0] or stored.shape[2] != like.shape[2]:
+            raise StreamV2VError(
+                f"the feature bank holds tokens of shape {tuple(stored.shape)} in layer {layer} "
+                f"but this stream makes {tuple(like.shape)}: it was filled with another model, "
+                "step count or CFG type; reset the bank or use a new one"
+            )
+        if stored.shape[1] != like.shape[1]:
+            raise StreamV2VError(
+                f"the feature bank was filled at another resolution ({stored.shape[1]} tokens in "
+                f"layer {layer}, this stream has {like.shape[1]}): reset the bank or use a new one"
+            )
+        if len(entries) == 1:
+            return entries.keys[0], entries.values[0], entries.outputs[0]
+        return (
+            torch.cat(entries.keys, dim=1),
+            torch.cat(entries.values, dim=1),
+            torch.cat(entries.outputs, dim=1),
+        )
+
+    @property
+    def updating(self) -> bool:
+        """Whether the current UNet call is absorbed into the bank."""
+        return self._updating
+
+    def record(
+        self, layer: str, keys: torch.Tensor, values: torch.Tensor, outputs: torch.Tensor
+    ) -> None:
+        """Absorb this frame's pre-fusion K, V, O for ``layer`` if this call is an update."""
+        if not self._updating:
+            return
+        entries = self.layers.setdefault(layer, LayerEntries())
+        if self.config.kind == "queue":
+            entries.keys.append(keys)
+            entries.values.append(values)
+            entries.outputs.append(outputs)
+            if len(entries) > self.config.size:
+                del entries.keys[0], entries.values[0], entries.outputs[0]
+            return
+        if not entries:
+            entries.keys.append(keys)
+            entries.values.append(values)
+            entries.outputs.append(outputs)
+            return
+        k, v, o = dyme_merge(
+            torch.cat([entries.keys[0], keys], dim=1),
+            torch.cat([entries.values[0], values], dim=1),
+            torch.cat([entries.outputs[0], outputs], dim=1),
+            self.generator,
+            self.config.merge_ratio,
+        )
+        entries.keys[0], entries.values[0], entries.outputs[0] = k, v, o
+
+    # -- inspection ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """What the bank holds, for logs and the node UI."""
+        return {
+            "kind": self.config.kind,
+            "layers": len(self.layers),
+            "tokens_per_layer": {name: e.tokens() for name, e in self.layers.items()},
+            "frames_absorbed": self.frames_absorbed,
+            "steps": self.steps,
+            "bytes": self.nbytes(),
+        }
+
+    def nbytes(self) -> int:
+        return sum(e.nbytes() for e in self.layers.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureBank(kind={self.config.kind!r}, layers={len(self.layers)}, "
+            f"frames_absorbed={self.frames_absorbed}, bytes={self.nbytes()})"
+        )
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors and string metadata, the shape safetensors stores."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, entries in self.layers.items():
+            for i in range(len(entries)):
+                tensors[f"{name}/{i}/k"] = entries.keys[i].contiguous()
+                tensors[f"{name}/{i}/v"] = entries.values[i].contiguous()
+                tensors[f"{name}/{i}/o"] = entries.outputs[i].contiguous()
+        if self.generator is not None:
+            tensors["generator_state"] = self.generator.get_state()
+        meta = {
+            "format": BANK_FILE_FORMAT,
+            "version": str(BANK_FILE_VERSION),
+            "config": json.dumps(asdict(self.config)),
+            "steps": str(self.steps),
+            "frames_absorbed": str(self.frames_absorbed),
+            "seed": "" if self.seed is None else str(self.seed),
+            "generator_device": "" if self.generator is None else self.generator.device.type,
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        """Restore a saved bank into this one; its configuration must match this bank's."""
+        saved = json.loads(meta["config"])
+        saved["fusion_layers"] = tuple(saved["fusion_layers"])
+        if BankConfig(**saved) != self.config:
+            raise StreamV2VError(
+                f"the saved bank was made with {saved}, which differs from this bank's "
+                f"{asdict(self.config)}: load it into a bank with the same settings"
+            )
+        layers: dict[str, LayerEntries] = {}
+        for key in sorted(k for k in tensors if k != "generator_state"):
+            name, index, part = key.rsplit("/", 2)
+            entries = layers.setdefault(name, LayerEntries())
+            target = {"k": entries.keys, "v": entries.values, "o": entries.outputs}[part]
+            while len(target) <= int(index):
+                target.append(torch.empty(0))
+            target[int(index)] = tensors[key]
+        self.layers = layers
+        self.steps = int(meta["steps"])
+        self.frames_absorbed = int(meta["frames_absorbed"])
+        self.seed = int(meta["seed"]) if meta.get("seed") else None
+        device = meta.get("generator_device") or ""
+        if device and "generator_state" in tensors:
+            self.generator = torch.Generator(device=device)
+            self.generator.set_state(tensors["generator_state"])
+        self._updating = False
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FeatureBank:
+        """Move the stored tokens (after loading a file, to the stream's device and dtype)."""
+        for entries in self.layers.values():
+            for store in (entries.keys, entries.values, entries.outputs):
+                store[:] = [t.to(device=device, dtype=dtype) for t in store]
+        return self
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors, meta = self.state_dict()
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, config: BankConfig | None = None) -> FeatureBank:
+        """Read a bank saved with ``save``; ``config`` defaults to the one stored in the file."""
+        tensors, meta = read_bank_file(path)
+        if config is None:
+            saved = json.loads(meta["config"])
+            saved["fusion_layers"] = tuple(saved["fusion_layers"])
+            config = BankConfig(**saved)
+        bank = cls(config)
+        bank.load_state_dict(tensors, meta)
+        return bank
+
+
+def read_bank_file(
+    path: str | Path, expect: str = BANK_FILE_FORMAT
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a saved bank (or stream), with a clear error for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise StreamV2VError(f"{path} does not exist: check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise StreamV2VError(f"{path} cannot be read ({exc}): save it again") from exc
+    if meta.get("format") != expect:
+        what = "feature bank" if expect == BANK_FILE_FORMAT else "stream state"
+        raise StreamV2VError(f"{path} is not a saved StreamV2V {what}: pick a file saved by it")
+    if int(meta.get("version", "0")) > BANK_FILE_VERSION:
+        raise StreamV2VError(
+            f"{path} was written by a newer ComfyUI-StreamV2V (bank format "
+            f"{meta.get('version')}): update the pack"
+        )
+    return tensors, meta
+
+
+def self_attention_layers(processor_names: Iterable[str]) -> list[str]:
+    """Self-attention layer paths from a diffusers UNet's ``attn_processors`` keys."""
+    return [
+        name.removesuffix(".processor")
+        for name in processor_names
+        if name.removesuffix(".processor").endswith("attn1")
+    ]
