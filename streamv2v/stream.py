@@ -14,6 +14,7 @@ first priming call.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -217,7 +218,10 @@ class StreamV2V:
     def _setup_schedule(self) -> None:
         from diffusers import LCMScheduler
 
-        scheduler = LCMScheduler.from_config(self.pipe.scheduler.config)
+        # Only LCM's own keys: a PNDM/DDIM config's extras would each log a warning.
+        known = inspect.signature(LCMScheduler.__init__).parameters
+        config = {k: v for k, v in self.pipe.scheduler.config.items() if k in known}
+        scheduler = LCMScheduler.from_config(config)
         scheduler.set_timesteps(SCHEDULER_STEPS, self.device)
         timesteps = [scheduler.timesteps[i] for i in self.config.timestep_indices]
         self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=self.device)
