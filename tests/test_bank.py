@@ -48,10 +48,7 @@ def test_fusion_is_eq2_with_threshold_mask():
     for p in range(3):
         cos = torch.nn.functional.cosine_similarity(out[0, p : p + 1], bank[0], dim=-1)
         best, q = cos.max(0)
-        if best >= 0.98:
-            want = 0.2 * out[0, p] + 0.8 * bank[0, q]
-        else:
-            want = out[0, p]
+        want = 0.2 * out[0, p] + 0.8 * bank[0, q] if best >= 0.98 else out[0, p]
         torch.testing.assert_close(got[0, p], want)
     assert not torch.equal(got[0, 0], out[0, 0])  # token 0 was close enough to fuse
     torch.testing.assert_close(got[0, 2], out[0, 2])  # an unrelated token is kept
@@ -178,7 +175,9 @@ class FakeAttn(torch.nn.Module):
         self.residual_connection, self.rescale_output_factor, self.norm_cross = False, 1.0, False
 
 
-@pytest.mark.parametrize("layer,fuses", [("mid_block.a.attn1", True), ("down_blocks.0.attn1", False)])
+@pytest.mark.parametrize(
+    "layer,fuses", [("mid_block.a.attn1", True), ("down_blocks.0.attn1", False)]
+)
 def test_processor_reads_then_records_pre_fusion_output(layer, fuses):
     attn = FakeAttn()
     bank = FeatureBank(BankConfig(kind="queue", size=1, interval=1, fusion_threshold=-1.0))
