@@ -200,7 +200,9 @@ class StreamV2V:
             if c.similar_filter is not None
             else None
         )
-        self.bank.bind(self.device, c.seed)
+        self.bank.bind(
+            self.device, c.seed, self.generator if self.device.type == "cpu" else None
+        )
         self.prompt = ""
         self.negative_prompt = ""
         self.set_prompt(prompt, negative_prompt)
@@ -518,6 +520,8 @@ class StreamV2V:
         self._last_input = get("last_input")
         self._buffer = get("buffer") if "stream/buffer" in tensors else None
         self.generator.set_state(tensors["stream/generator_state"])
+        if self.device.type == "cpu":  # one shared generator on the CPU, as ``bind`` explains
+            self.bank.generator = self.generator
         self._tags = state["tags"]
         self._input_size = tuple(state["input_size"])
         self._next_index = state["next_index"]
