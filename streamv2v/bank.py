@@ -427,7 +427,7 @@ def read_bank_file(
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
     except (SafetensorError, OSError) as exc:
         raise StreamV2VError(f"{path} cannot be read ({exc}): save it again") from exc
     if meta.get("format") != expect:
