@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -124,12 +124,16 @@ class BankConfig:
                 f"bank kind {self.kind!r} is unknown: use one of {', '.join(BANK_KINDS)}"
             )
         if self.kind == "none":
-            if self.size != 1 or self.interval != 4:
-                raise StreamV2VError(
-                    "bank size and interval have no effect with bank kind 'none': leave them at "
-                    "their defaults or pick bank kind 'dyme' or 'queue'"
-                )
+            self._refuse_changed(
+                [f.name for f in fields(self) if f.name != "kind"],
+                "with bank kind 'none' (no bank): pick bank kind 'dyme' or 'queue' to use it",
+            )
             return
+        if not self.fusion:
+            self._refuse_changed(
+                ["fusion_strength", "fusion_threshold", "fusion_layers"],
+                "with feature fusion off: turn fusion on to use it",
+            )
         if not isinstance(self.size, int) or self.size < 1:
             raise StreamV2VError(f"bank size must be a whole number >= 1, got {self.size!r}")
         if self.kind == "dyme" and self.size != 1:
@@ -158,6 +162,15 @@ class BankConfig:
             )
         if not 0.0 < self.merge_ratio < 1.0:
             raise StreamV2VError(f"merge ratio must be within (0, 1), got {self.merge_ratio}")
+
+    def _refuse_changed(self, names: list[str], why: str) -> None:
+        defaults = BankConfig.__dataclass_fields__
+        for name in names:
+            if getattr(self, name) != defaults[name].default:
+                raise StreamV2VError(
+                    f"{name.replace('_', ' ')} {getattr(self, name)!r} has no effect {why}, or "
+                    "leave it at its default"
+                )
 
     @property
     def enabled(self) -> bool:

@@ -130,6 +130,11 @@ class StreamConfig:
                 raise StreamV2VError(
                     f"{name} must be a whole number of pixels within 8..4096, got {value!r}"
                 )
+        if self.similar_filter is not None and not 0.0 < self.similar_filter < 1.0:
+            raise StreamV2VError(
+                f"similar-frame threshold must be a cosine similarity within (0, 1), got "
+                f"{self.similar_filter} (StreamDiffusion uses 0.98)"
+            )
         if self.similar_filter is None and self.max_skip != 10:
             raise StreamV2VError(
                 "max_skip only acts with the similar-frame filter: set a similar_filter threshold"
@@ -200,9 +205,7 @@ class StreamV2V:
             if c.similar_filter is not None
             else None
         )
-        self.bank.bind(
-            self.device, c.seed, self.generator if self.device.type == "cpu" else None
-        )
+        self.bank.bind(self.device, c.seed, self.generator if self.device.type == "cpu" else None)
         self.prompt = ""
         self.negative_prompt = ""
         self.set_prompt(prompt, negative_prompt)

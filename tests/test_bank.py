@@ -146,8 +146,12 @@ def test_bank_config_rejects_controls_without_effect():
         BankConfig(interval=0)
     with pytest.raises(StreamV2VError, match="strength"):
         BankConfig(fusion_strength=1.5)
-    with pytest.raises(StreamV2VError, match="none"):
+    with pytest.raises(StreamV2VError, match="'none'"):
         BankConfig(kind="none", size=4)
+    with pytest.raises(StreamV2VError, match="extended attention .* 'none'"):
+        BankConfig(kind="none", extended_attention=False)
+    with pytest.raises(StreamV2VError, match="fusion strength .* fusion off"):
+        BankConfig(fusion=False, fusion_strength=0.5)
 
 
 def test_fusion_layers_are_the_low_resolution_decoder():

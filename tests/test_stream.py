@@ -261,6 +261,7 @@ def test_bad_frames_give_clear_errors(tiny_model_taesd):
         ({"seed": -1}, "seed"),
         ({"width": 3}, "width"),
         ({"max_skip": 3}, "similar"),
+        ({"similar_filter": 1.5}, "within"),
     ],
 )
 def test_config_rejects_bad_or_ineffective_values(kwargs, match):
