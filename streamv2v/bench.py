@@ -1,0 +1,165 @@
+"""Measure the engine: ms per frame, FPS and peak memory, per bank kind, steps and size.
+
+Speed does not depend on trained weights, so by default the model is SD1.5-shaped with random
+weights, built from the shipped configs on the device (no download, no files). ``--model``
+measures a real model instead; the test suite uses that with a tiny model on the CPU.
+
+    python -m streamv2v.bench --device cuda --sizes 512 --banks none,dyme --steps 1,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .bank import BANK_KINDS, BankConfig
+from .errors import StreamV2VError
+from .loading import SHIPPED_SD15_DIR, StreamModel, load_model, resolve_device, resolve_dtype
+from .stream import StreamConfig, StreamV2V
+
+
+def random_sd15(device: torch.device, dtype: torch.dtype) -> StreamModel:
+    """A full-size SD1.5 UNet + CLIP text encoder + TAESD with random weights, made on device."""
+    from diffusers import (
+        AutoencoderTiny,
+        LCMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(SHIPPED_SD15_DIR / "unet")
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig.from_json_file(SHIPPED_SD15_DIR / "text_encoder" / "config.json")
+        )
+        vae = AutoencoderTiny()  # the default configuration is TAESD for SD1.x
+    scheduler = LCMScheduler.from_config(LCMScheduler.load_config(SHIPPED_SD15_DIR / "scheduler"))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(SHIPPED_SD15_DIR / "tokenizer"),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device=device, dtype=dtype)
+    return StreamModel(pipe, dtype, device, "random SD1.5-shaped weights + TAESD", "SD1.5", "taesd")
+
+
+@dataclass
+class Result:
+    bank: str
+    steps: int
+    size: int
+    ms_per_frame: float
+    fps: float
+    peak_mib: float | None
+
+
+def measure(
+    model: StreamModel, bank: str, steps: int, size: int, frames: int, warmup: int
+) -> Result:
+    """Time ``frames`` pushes of ComfyUI-style frames (float32 CPU) after ``warmup`` pushes."""
+    device = torch.device(model.device)
+    config = BankConfig() if bank == "dyme" else BankConfig(kind=bank)
+    stream = StreamV2V(model, StreamConfig(steps=steps), config, prompt="a watercolor painting")
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.rand(size, size, 3, generator=g) for _ in range(8)]
+    for i in range(warmup):
+        stream.push(inputs[i % len(inputs)])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i in range(frames):
+        stream.push(inputs[i % len(inputs)])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    ms = 1000 * elapsed / frames
+    return Result(bank, steps, size, ms, 1000 / ms, peak)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+def table(results: list[Result], device: str, model: str, dtype: torch.dtype) -> str:
+    lines = [
+        f"device: {device}   torch {torch.__version__}   dtype {str(dtype).removeprefix('torch.')}",
+        f"model: {model}",
+        "",
+        f"{'bank':<6} {'steps':>5} {'size':>6} {'ms/frame':>9} {'FPS':>8} {'peak MiB':>9}",
+    ]
+    for r in results:
+        peak = f"{r.peak_mib:9.0f}" if r.peak_mib is not None else f"{'-':>9}"
+        lines.append(
+            f"{r.bank:<6} {r.steps:>5} {r.size:>6} {r.ms_per_frame:9.2f} {r.fps:8.1f} {peak}"
+        )
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers, got {text!r}"
+        ) from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streamv2v.bench", description=__doc__)
+    parser.add_argument("--model", help="a model to measure (default: random SD1.5 + TAESD)")
+    parser.add_argument("--vae", help="with --model: the VAE to use (e.g. a TAESD folder)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
+    parser.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default fp16 on GPU)")
+    parser.add_argument("--sizes", type=_ints, default=[512], help="square sizes, e.g. 512,768")
+    parser.add_argument("--steps", type=_ints, default=[4], help="step counts, e.g. 1,4")
+    parser.add_argument("--banks", default="none,dyme", help="bank kinds, e.g. none,queue,dyme")
+    parser.add_argument("--frames", type=int, default=100, help="timed frames per row")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed frames per row")
+    args = parser.parse_args(argv)
+    try:
+        banks = [b.strip() for b in args.banks.split(",") if b.strip()]
+        for bank in banks:
+            if bank not in BANK_KINDS:
+                raise StreamV2VError(f"--banks: {bank!r} is not one of {', '.join(BANK_KINDS)}")
+        if args.frames < 1 or args.warmup < 0:
+            raise StreamV2VError("--frames must be >= 1 and --warmup >= 0")
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype or ("fp32" if device.type == "cpu" else "fp16"))
+        if args.model:
+            model = load_model(args.model, vae=args.vae, dtype=dtype, device=device)
+        elif args.vae:
+            raise StreamV2VError("--vae only acts with --model: the random model uses TAESD")
+        else:
+            model = random_sd15(device, dtype)
+        results = [
+            measure(model, bank, steps, size, args.frames, args.warmup)
+            for size in args.sizes
+            for steps in args.steps
+            for bank in banks
+        ]
+    except StreamV2VError as exc:
+        print(f"streamv2v.bench: error: {exc}", file=sys.stderr)
+        return 1
+    print(table(results, describe_device(device), model.description, dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
