@@ -19,7 +19,14 @@ import torch
 
 from .bank import BANK_KINDS, BankConfig
 from .errors import StreamV2VError
-from .loading import SHIPPED_SD15_DIR, StreamModel, load_model, resolve_device, resolve_dtype
+from .loading import (
+    SHIPPED_SD15_DIR,
+    StreamModel,
+    load_model,
+    quiet_libraries,
+    resolve_device,
+    resolve_dtype,
+)
 from .stream import StreamConfig, StreamV2V
 
 
@@ -147,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.vae:
             raise StreamV2VError("--vae only acts with --model: the random model uses TAESD")
         else:
-            model = random_sd15(device, dtype)
+            with quiet_libraries():
+                model = random_sd15(device, dtype)
         results = [
             measure(model, bank, steps, size, args.frames, args.warmup)
             for size in args.sizes

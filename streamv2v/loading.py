@@ -291,7 +291,7 @@ def _diffusers_family(folder: Path, index: dict) -> str:
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """Hide diffusers/transformers/peft chatter (load reports, adapter warnings, progress
     bars) during loading: our own checks report what matters, in one line."""
     from diffusers.utils import logging as diffusers_logging
@@ -727,7 +727,7 @@ def load_model(
     if vae is not None:
         _existing(vae, "VAE")
 
-    with _quiet():
+    with quiet_libraries():
         if model_path.is_dir():
             pipe = _load_diffusers_folder(model_path, torch_dtype, load_vae=vae is None)
             source = f"{model_path.name} (diffusers)"
