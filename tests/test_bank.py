@@ -249,3 +249,37 @@ def test_reset_empties_and_reseeds():
     bank.reset()
     assert bank.stats()["layers"] == 0 and bank.frames_absorbed == 0 and bank.nbytes() == 0
     assert torch.equal(drive(bank, frames_of(3)).keys[0], first)
+
+
+def test_attention_kernel_prefers_working_xformers(monkeypatch):
+    """SDPA without xformers, xformers when it imports and runs, SDPA when it breaks."""
+    import sys
+    import types
+
+    from streamv2v.attention import pick_attention_kernel
+
+    monkeypatch.setitem(sys.modules, "xformers", None)
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)
+    assert pick_attention_kernel(torch.device("cpu"), torch.float32)[0] == "sdpa"
+
+    def exact(q, k, v):  # xformers' layout: [batch, tokens, heads, head_dim]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
+        return out.transpose(1, 2)
+
+    ops = types.SimpleNamespace(memory_efficient_attention=exact)
+    package = types.ModuleType("xformers")
+    package.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    name, kernel = pick_attention_kernel(torch.device("cpu"), torch.float32)
+    assert name == "xformers"
+    q, k, v = (torch.randn(2, 5, 8, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(kernel(q, k, v, 2), softmax_attention(q, k, v, 2))
+
+    def broken(q, k, v):
+        raise RuntimeError("no kernel for this GPU")
+
+    ops.memory_efficient_attention = broken
+    assert pick_attention_kernel(torch.device("cpu"), torch.float32)[0] == "sdpa"
