@@ -330,6 +330,28 @@ class FeatureBank:
         )
         entries.keys[0], entries.values[0], entries.outputs[0] = k, v, o
 
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple:
+        """A cheap copy of the state: tokens are replaced, never changed in place, so
+        references to them are enough to come back to this point after a failed run."""
+        layers = {
+            name: LayerEntries(list(e.keys), list(e.values), list(e.outputs))
+            for name, e in self.layers.items()
+        }
+        generator = self.generator.get_state() if self.generator is not None else None
+        return layers, self.steps, self.frames_absorbed, generator
+
+    def restore(self, snapshot: tuple) -> None:
+        layers, self.steps, self.frames_absorbed, generator = snapshot
+        self.layers = {
+            name: LayerEntries(list(e.keys), list(e.values), list(e.outputs))
+            for name, e in layers.items()
+        }
+        if generator is not None and self.generator is not None:
+            self.generator.set_state(generator)
+        self._updating = False
+
     # -- inspection ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:

@@ -154,6 +154,21 @@ class StreamConfig:
         return self.cfg_type != "none"
 
 
+# What changes as frames flow (everything ``_reset_stream`` sets), for checkpoints.
+_STREAM_STATE = (
+    "_tags",
+    "_buffer",
+    "_stock_noise",
+    "_init_noise",
+    "_input_size",
+    "_next_index",
+    "_last_input",
+    "_last_processed",
+    "_last_output",
+    "_aliases",
+)
+
+
 class StreamV2V:
     """A video stream through an SD1.5/LCM model with a feature bank.
 
@@ -436,16 +451,50 @@ class StreamV2V:
             self._last_processed = index
             return self._step(x, index)
 
-    def flush(self) -> list[torch.Tensor]:
+    def flush(self, keep_state: bool = False) -> list[torch.Tensor]:
         """Finish every frame still in the batch by repeating the last input.
 
-        The stream stays usable afterwards; the bank keeps what the flush frames added.
+        With ``keep_state`` the stream (bank included) is put back as it was afterwards, so the
+        next frames continue the real video rather than the repeated last frame: this is how a
+        video split into chunks, or a live source, gets outputs now and continues later.
         """
+        saved = self.checkpoint() if keep_state else None
         outputs: list[torch.Tensor] = []
-        with torch.inference_mode():
-            while any(tag is not None for tag in self._tags[:-1]):
-                outputs += [image for _, image in self._step(self._last_input, None)]
+        try:
+            with torch.inference_mode():
+                while any(tag is not None for tag in self._tags[:-1]):
+                    outputs += [image for _, image in self._step(self._last_input, None)]
+        finally:
+            if saved is not None:
+                self.rollback(saved)
         return outputs
+
+    def checkpoint(self) -> tuple:
+        """The stream's state (bank included), to ``rollback`` to after a failed run.
+
+        Cheap: tensors are replaced between frames, never modified, so references suffice.
+        """
+        filter_state = None
+        if self._filter is not None:
+            f = self._filter
+            filter_state = (f.previous, f.skipped_in_a_row, f.generator.get_state())
+        fields = {k: v for k, v in vars(self).items() if k in _STREAM_STATE}
+        fields["_tags"] = list(self._tags)
+        fields["_aliases"] = {k: list(v) for k, v in self._aliases.items()}
+        return self.bank.snapshot(), fields, self.generator.get_state(), filter_state
+
+    def rollback(self, checkpoint: tuple) -> None:
+        bank, fields, generator, filter_state = checkpoint
+        self.bank.restore(bank)
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self._tags = list(self._tags)
+        self._aliases = {k: list(v) for k, v in self._aliases.items()}
+        self.generator.set_state(generator)
+        if filter_state is not None:
+            f = self._filter
+            f.previous, f.skipped_in_a_row = filter_state[0], filter_state[1]
+            f.generator.set_state(filter_state[2])
 
     def process(self, frames: Iterable[np.ndarray | torch.Tensor]) -> Iterator[torch.Tensor]:
         """Aligned mode: exactly one output per input, output i translating input i."""

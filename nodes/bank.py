@@ -1,0 +1,111 @@
+"""The Feature Bank node: names a bank that persists across runs, and says what it holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..streamv2v.bank import BANK_KINDS
+from ..streamv2v.session import EACH_RUN, validate_bank_name
+from .state import SESSIONS
+
+BANK = "STREAMV2V_BANK"
+
+
+@dataclass(frozen=True)
+class BankHandle:
+    """What flows along a STREAMV2V_BANK link: the bank's name and settings, not its tensors
+    (those stay in the module-level registry, so they outlive ComfyUI's caches)."""
+
+    name: str
+    kind: str
+    size: int
+    interval: int
+    each_run: str
+
+
+def describe(name: str) -> str:
+    stats = SESSIONS.get(name).stats()
+    if "kind" not in stats:
+        return f"bank '{name}': empty (fills on the next run)"
+    mib = stats["bytes"] / 2**20
+    text = (
+        f"bank '{name}' ({stats['kind']}): {stats['frames_absorbed']} frames absorbed, "
+        f"{stats['layers']} layers x {stats['tokens_per_layer']} tokens, {mib:.1f} MiB"
+    )
+    if "frames_in" in stats:
+        text += f"; stream: {stats['frames_in']} frames in, output lags {stats['lag']}"
+    return text
+
+
+class StreamV2VFeatureBank:
+    DESCRIPTION = (
+        "The feature bank: past frames' attention features that keep the video consistent. It "
+        "persists across queued runs under its name (webcam loops, video chunks); press "
+        "'Reset bank' to empty it."
+    )
+    CATEGORY = "StreamV2V"
+    FUNCTION = "bank"
+    RETURN_TYPES = (BANK,)
+    RETURN_NAMES = ("bank",)
+    OUTPUT_TOOLTIPS = ("The named bank, for the Stream Batch Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "kind": (
+                    list(BANK_KINDS),
+                    {
+                        "tooltip": "dyme: one frame's worth of merged tokens (the paper's); queue: "
+                        "the last 'size' updates; none: no bank (plain StreamDiffusion)."
+                    },
+                ),
+                "size": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": 16,
+                        "tooltip": "Updates a queue bank keeps (dyme always keeps one frame).",
+                    },
+                ),
+                "interval": (
+                    "INT",
+                    {
+                        "default": 4,
+                        "min": 1,
+                        "max": 64,
+                        "tooltip": "Absorb the current frame every this many frames (paper: 4).",
+                    },
+                ),
+                "name": (
+                    "STRING",
+                    {
+                        "default": "bank",
+                        "tooltip": "Workflows with different names never share "
+                        "a bank; the same name continues the same stream.",
+                    },
+                ),
+                "each_run": (
+                    list(EACH_RUN),
+                    {
+                        "tooltip": "continue stream: a run carries on from the last one (webcam, "
+                        "video chunks); start new stream: every run starts with an empty bank."
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # runs every time so its display is current
+
+    def bank(self, kind, size, interval, name, each_run):
+        from ..streamv2v.bank import BankConfig
+
+        name = validate_bank_name(name)
+        BankConfig(kind=kind, size=size, interval=interval)  # reject settings without effect
+        return {
+            "ui": {"text": [describe(name)]},
+            "result": (BankHandle(name, kind, size, interval, each_run),),
+        }

@@ -1,0 +1,197 @@
+"""Model nodes: load an LCM model, add LoRAs, patch attention. Each returns a new value."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..streamv2v.session import AttentionPatch, ModelSpec, PatchedModel
+from . import comfy
+from .state import MODELS
+
+MODEL = "STREAMV2V_MODEL"
+DTYPES = ["auto", "fp16", "bf16", "fp32"]
+
+
+class StreamV2VLoadModel:
+    DESCRIPTION = (
+        "Loads an SD1.5-family model for StreamV2V: an LCM model, or any SD1.5 checkpoint plus "
+        "the LCM-LoRA. Loads once and is reused by every run."
+    )
+    CATEGORY = "StreamV2V"
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded model, for Patch Attention, Load LoRA or the sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (
+                    comfy.model_choices(),
+                    {
+                        "tooltip": "An SD1.5 checkpoint (models/checkpoints) or an LCM diffusers "
+                        "folder (models/diffusers)."
+                    },
+                ),
+                "lcm_lora": (
+                    ["none", *comfy.lora_choices()],
+                    {
+                        "tooltip": "The LCM-LoRA for SD1.5 (models/loras); 'none' for a model that "
+                        "is already an LCM one."
+                    },
+                ),
+                "lcm_lora_strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -2.0,
+                        "max": 2.0,
+                        "step": 0.05,
+                        "tooltip": "Weight of the LCM-LoRA (only with an LCM-LoRA chosen).",
+                    },
+                ),
+                "vae": (
+                    comfy.vae_choices(),
+                    {
+                        "tooltip": "taesd: the tiny autoencoder (models/vae_approx), fastest, the "
+                        "paper's choice; the model's own VAE; or a VAE file (models/vae)."
+                    },
+                ),
+                "dtype": (
+                    DTYPES,
+                    {"tooltip": "Precision; auto is fp16 on a GPU and fp32 on the CPU."},
+                ),
+            }
+        }
+
+    def load(self, model, lcm_lora, lcm_lora_strength, vae, dtype):
+        from ..streamv2v.errors import StreamV2VError
+
+        if lcm_lora == "none" and lcm_lora_strength != 1.0:
+            raise StreamV2VError(
+                "lcm_lora_strength has no effect without an LCM-LoRA: pick one or leave it at 1.0"
+            )
+        spec = ModelSpec(
+            model=comfy.resolve_model(model),
+            lcm_lora=None if lcm_lora == "none" else comfy.resolve_lora(lcm_lora),
+            lcm_lora_weight=lcm_lora_strength,
+            vae=comfy.resolve_vae(vae),
+            dtype=None if dtype == "auto" else dtype,
+            device=comfy.device(),
+        )
+        MODELS.get(spec)  # load now, so a bad file is reported on this node
+        return (PatchedModel(spec),)
+
+
+class StreamV2VLoadLoRA:
+    DESCRIPTION = "Adds a style LoRA to a StreamV2V model (chain several). The input is unchanged."
+    CATEGORY = "StreamV2V"
+    FUNCTION = "apply"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with this LoRA fused in (loaded when the sampler runs).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The model to add the LoRA to."}),
+                "lora_name": (comfy.lora_choices(), {"tooltip": "An SD1.5 LoRA (models/loras)."}),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -4.0,
+                        "max": 4.0,
+                        "step": 0.05,
+                        "tooltip": "LoRA weight; negative values push away from its style.",
+                    },
+                ),
+            }
+        }
+
+    def apply(self, model: PatchedModel, lora_name: str, strength: float):
+        return (replace(model, spec=model.spec.with_lora(comfy.resolve_lora(lora_name), strength)),)
+
+
+class StreamV2VPatchAttention:
+    DESCRIPTION = (
+        "How self-attention uses the feature bank: extended attention over past frames' keys "
+        "and values, and feature fusion in the low-resolution decoder layers. The input model "
+        "is unchanged, so one model can feed differently patched branches."
+    )
+    CATEGORY = "StreamV2V"
+    FUNCTION = "patch"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with these attention settings.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The model to patch."}),
+                "extended_attention": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Attend to the bank's keys and values too "
+                        "(the paper's extended self-attention).",
+                    },
+                ),
+                "feature_fusion": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Blend each output token with its most similar "
+                        "bank token in the mid and first up blocks.",
+                    },
+                ),
+                "fusion_strength": (
+                    "FLOAT",
+                    {
+                        "default": 0.8,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.05,
+                        "tooltip": "Weight of the bank token in a fused token (paper: 0.8).",
+                    },
+                ),
+                "fusion_threshold": (
+                    "FLOAT",
+                    {
+                        "default": 0.98,
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.005,
+                        "tooltip": "Cosine similarity needed to fuse a bank token (paper: 0.98).",
+                    },
+                ),
+            }
+        }
+
+    def patch(
+        self,
+        model: PatchedModel,
+        extended_attention,
+        feature_fusion,
+        fusion_strength,
+        fusion_threshold,
+    ):
+        from ..streamv2v.errors import StreamV2VError
+
+        if not feature_fusion and (fusion_strength != 0.8 or fusion_threshold != 0.98):
+            raise StreamV2VError(
+                "fusion strength and threshold have no effect with feature fusion off: turn "
+                "feature_fusion on or leave them at 0.8 and 0.98"
+            )
+        if not (extended_attention or feature_fusion):
+            raise StreamV2VError(
+                "with extended attention and feature fusion both off the bank does nothing: turn "
+                "one on, or set the Feature Bank's kind to 'none'"
+            )
+        patch = AttentionPatch(
+            extended_attention, feature_fusion, fusion_strength, fusion_threshold
+        )
+        return (replace(model, patch=patch),)

@@ -1,0 +1,200 @@
+"""The Stream Batch Sampler: frames in, restyled frames out, the stream kept between runs."""
+
+from __future__ import annotations
+
+from ..streamv2v.session import PatchedModel
+from ..streamv2v.stream import CFG_TYPES, StreamConfig
+from . import comfy
+from .bank import BANK, BankHandle, describe
+from .loaders import MODEL
+from .state import MODELS, SESSIONS
+
+
+class StreamV2VSampler:
+    DESCRIPTION = (
+        "Restyles video frames with StreamV2V. A batch of N frames (a video or a chunk of one) "
+        "gives N frames, each the translation of its input. A single frame (webcam, Load Image, "
+        "Run (Instant)) continues the stream from the previous run: the output lags 'steps - 1' "
+        "frames once the stream is full (before that, the current frame finished early)."
+    )
+    CATEGORY = "StreamV2V"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The restyled frames, on the CPU, at the input's size (or width/height).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "From Load LCM Model (optionally patched)."}),
+                "bank": (BANK, {"tooltip": "From Feature Bank: where the stream is kept."}),
+                "images": (
+                    "IMAGE",
+                    {"tooltip": "A batch of video frames, or one frame per run (webcam)."},
+                ),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "What to turn the video into. Changing it keeps the bank.",
+                    },
+                ),
+                "negative_prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "What to avoid; acts only with cfg_type initialize or full.",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {
+                        "default": 4,
+                        "min": 1,
+                        "max": 4,
+                        "tooltip": "LCM denoising steps per frame (paper: 4).",
+                    },
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 0.4,
+                        "min": 0.02,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "How far frames may move from the input (paper: 0.4).",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 2,
+                        "min": 0,
+                        "max": 2**63 - 1,
+                        "control_after_generate": False,
+                        "tooltip": "Seeds the per-step noise and the bank's merging (paper: 2). "
+                        "Fixed across runs so a live stream stays steady.",
+                    },
+                ),
+                "cfg_type": (
+                    list(CFG_TYPES),
+                    {
+                        "tooltip": "Guidance: none (fastest, the paper's), or StreamDiffusion's "
+                        "self / initialize (residual, cheap) / full (doubles the batch)."
+                    },
+                ),
+                "guidance": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 1.0,
+                        "max": 20.0,
+                        "step": 0.1,
+                        "tooltip": "Guidance scale: above 1.0 with a cfg_type, 1.0 without.",
+                    },
+                ),
+                "delta": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 5.0,
+                        "step": 0.05,
+                        "tooltip": "Residual-noise scale; acts only with cfg_type self or "
+                        "initialize.",
+                    },
+                ),
+                "similar_filter": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 0.999,
+                        "step": 0.001,
+                        "tooltip": "Skip frames more similar than this to the last one, repeating "
+                        "its output (e.g. 0.98); 0 = off.",
+                    },
+                ),
+                "max_skip": (
+                    "INT",
+                    {
+                        "default": 10,
+                        "min": 1,
+                        "max": 100,
+                        "tooltip": "Most frames skipped in a row (with similar_filter on).",
+                    },
+                ),
+                "width": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 4096,
+                        "step": 8,
+                        "tooltip": "Output width; 0 keeps the input's.",
+                    },
+                ),
+                "height": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 4096,
+                        "step": 8,
+                        "tooltip": "Output height; 0 keeps the input's.",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # every queued run is the next part of the stream
+
+    def sample(
+        self,
+        model: PatchedModel,
+        bank: BankHandle,
+        images,
+        prompt,
+        negative_prompt,
+        steps,
+        strength,
+        seed,
+        cfg_type,
+        guidance,
+        delta,
+        similar_filter,
+        max_skip,
+        width,
+        height,
+    ):
+        config = StreamConfig(
+            steps=steps,
+            strength=strength,
+            seed=seed,
+            cfg_type=cfg_type,
+            guidance=guidance,
+            delta=delta,
+            similar_filter=similar_filter or None,
+            max_skip=max_skip,
+            width=width or None,
+            height=height or None,
+        )
+        bank_config = model.bank_config(bank.kind, bank.size, bank.interval)
+        session = SESSIONS.get(bank.name)
+        outputs = session.run(
+            MODELS.get(model.spec),
+            config,
+            bank_config,
+            prompt,
+            negative_prompt,
+            images,
+            bank.each_run,
+            comfy.Progress(len(images)),
+        )
+        text = "; ".join([describe(bank.name), *session.notes])
+        return {"ui": {"text": [text]}, "result": (outputs,)}

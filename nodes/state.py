@@ -1,0 +1,22 @@
+"""What the pack keeps between runs, at module level so it survives ComfyUI's caches.
+
+ComfyUI drops node instances on ``/free`` and with ``--cache-none``; a module-level object
+outlives all of that. Here live the one loaded model and the named banks with their streams.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..streamv2v.session import ModelCache, SessionRegistry
+
+log = logging.getLogger("ComfyUI-StreamV2V")
+
+MODELS = ModelCache()
+SESSIONS = SessionRegistry()
+
+
+def release_models() -> bool:
+    """Free the pack's model (and the streams using it); banks are kept. True if any."""
+    SESSIONS.drop_streams()
+    return MODELS.clear()

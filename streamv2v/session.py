@@ -1,0 +1,286 @@
+"""Streams that outlive a single call: what a node graph (ComfyUI) needs from the engine.
+
+A graph runs the sampler once per queued prompt: with a whole video, with one chunk of a long
+video, or with one webcam frame. ``Session`` keeps a named bank and its stream between those
+calls, so chunks and frames continue one stream; ``ModelCache`` keeps the loaded model so
+a run does not reload it; both are plain objects the host keeps wherever it likes (ComfyUI
+keeps them at module level, where they survive its caches being cleared).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .bank import BankConfig, FeatureBank
+from .errors import StreamV2VError
+from .loading import LoraSpec, StreamModel, load_model
+from .stream import StreamConfig, StreamV2V
+
+EACH_RUN = ("continue stream", "start new stream")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that decides which weights are loaded; equal specs share one load."""
+
+    model: str
+    lcm_lora: str | None = None
+    lcm_lora_weight: float = 1.0
+    loras: tuple[LoraSpec, ...] = ()
+    vae: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+
+    def with_lora(self, path: str, weight: float) -> ModelSpec:
+        """A new spec with one more style LoRA; this one is left as it is."""
+        return replace(self, loras=(*self.loras, LoraSpec(path, weight)))
+
+    def load(self) -> StreamModel:
+        from .loading import resolve_device
+
+        device = resolve_device(self.device)
+        dtype = self.dtype or ("fp32" if device.type == "cpu" else "fp16")
+        return load_model(
+            self.model,
+            lcm_lora=self.lcm_lora,
+            lcm_lora_weight=self.lcm_lora_weight,
+            loras=self.loras,
+            vae=self.vae,
+            dtype=dtype,
+            device=device,
+        )
+
+
+@dataclass(frozen=True)
+class AttentionPatch:
+    """How a model's self-attention uses the bank (extended attention, feature fusion)."""
+
+    extended_attention: bool = True
+    fusion: bool = True
+    fusion_strength: float = 0.8
+    fusion_threshold: float = 0.98
+
+
+@dataclass(frozen=True)
+class PatchedModel:
+    """A model as a graph passes it around: a spec plus an attention patch, both values.
+
+    Patching or adding a LoRA makes a new value, so one loaded model can feed a patched and
+    an unpatched branch.
+    """
+
+    spec: ModelSpec
+    patch: AttentionPatch = AttentionPatch()
+
+    def bank_config(self, kind: str, size: int, interval: int) -> BankConfig:
+        p = self.patch
+        if kind == "none":
+            if p != AttentionPatch():
+                raise StreamV2VError(
+                    "the attention patch has no effect with bank kind 'none': choose bank kind "
+                    "'dyme' or 'queue', or remove the Patch Attention node"
+                )
+            return BankConfig(kind="none", size=1, interval=4)
+        return BankConfig(
+            kind=kind,
+            size=size,
+            interval=interval,
+            extended_attention=p.extended_attention,
+            fusion=p.fusion,
+            fusion_strength=p.fusion_strength if p.fusion else 0.8,
+            fusion_threshold=p.fusion_threshold if p.fusion else 0.98,
+        )
+
+
+class ModelCache:
+    """The one loaded model (SD1.5 weights are 2-4 GB: keeping several helps nobody)."""
+
+    def __init__(self) -> None:
+        self._spec: ModelSpec | None = None
+        self._model: StreamModel | None = None
+        self._lock = threading.Lock()
+
+    def get(self, spec: ModelSpec) -> StreamModel:
+        with self._lock:
+            if self._spec != spec or self._model is None:
+                self._model = None  # release the old weights before loading new ones
+                self._model = spec.load()
+                self._spec = spec
+            return self._model
+
+    @property
+    def loaded(self) -> ModelSpec | None:
+        return self._spec if self._model is not None else None
+
+    def clear(self) -> bool:
+        """Drop the loaded model; True if there was one."""
+        with self._lock:
+            had = self._model is not None
+            self._model, self._spec = None, None
+        if had and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return had
+
+
+FrameCallback = Callable[[int, int, torch.Tensor | None], None]
+
+
+@dataclass
+class Session:
+    """One named bank and the stream using it, kept between runs."""
+
+    name: str
+    bank: FeatureBank | None = None
+    stream: StreamV2V | None = None
+    key: tuple | None = None
+    runs: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def reset(self) -> None:
+        """Empty the bank and end the stream: the next run starts afresh."""
+        if self.bank is not None:
+            self.bank.reset()
+        self.stream = None
+        self.key = None
+
+    def stats(self) -> dict[str, object]:
+        stats: dict[str, object] = {"name": self.name, "runs": self.runs}
+        if self.bank is not None:
+            stats.update(self.bank.stats())
+            stats.pop("tokens_per_layer")
+            tokens = self.bank.stats()["tokens_per_layer"].values()
+            stats["tokens_per_layer"] = max(tokens) if tokens else 0
+        if self.stream is not None:
+            stats["frames_in"] = self.stream._next_index
+            stats["lag"] = self.stream.lag
+        return stats
+
+    def run(
+        self,
+        model: StreamModel,
+        config: StreamConfig,
+        bank_config: BankConfig,
+        prompt: str,
+        negative_prompt: str,
+        frames: torch.Tensor | Sequence,
+        each_run: str = "continue stream",
+        on_frame: FrameCallback | None = None,
+    ) -> torch.Tensor:
+        """Restyle ``frames`` (``[N, H, W, 3]``), continuing this session's stream.
+
+        N > 1: N outputs, output i translating frame i; with ``continue stream`` the stream is
+        left where the last real frame left it, so the next chunk carries on without a seam.
+        N = 1 (a webcam frame, a still): the output ``lag`` frames behind, or while the stream
+        fills, the current frame finished early. A failure leaves bank and stream as they were.
+        """
+        if each_run not in EACH_RUN:
+            raise StreamV2VError(f"each run must be one of {', '.join(EACH_RUN)}, not {each_run!r}")
+        count = len(frames)
+        if count == 0:
+            raise StreamV2VError("the image batch has no frames: connect at least one image")
+        saved = (self.bank, self.stream, self.key, self.stream and self.stream.checkpoint())
+        self.notes = []
+        try:
+            stream = self._stream_for(model, config, bank_config, each_run)
+            if (prompt, negative_prompt) != (stream.prompt, stream.negative_prompt):
+                stream.set_prompt(prompt, negative_prompt)
+            if count == 1:
+                outputs = self._live(stream, frames[0])
+                if on_frame is not None:
+                    on_frame(1, 1, outputs[-1])
+            else:
+                outputs = self._batch(stream, frames, each_run, on_frame)
+        except BaseException:
+            self.bank, self.stream, self.key, checkpoint = saved
+            if self.stream is not None:
+                self.stream.rollback(checkpoint)
+            raise
+        self.runs += 1
+        return torch.stack(outputs)
+
+    def _stream_for(
+        self,
+        model: StreamModel,
+        config: StreamConfig,
+        bank_config: BankConfig,
+        each_run: str,
+    ) -> StreamV2V:
+        key = (id(model), config, bank_config)
+        if self.stream is not None and self.key == key and each_run == "continue stream":
+            return self.stream
+        if self.bank is None or self.bank.config != bank_config:
+            if self.bank is not None and self.bank.frames_absorbed:
+                self.notes.append("bank settings changed: started a new bank")
+            self.bank = FeatureBank(bank_config)
+        elif each_run == "start new stream":
+            self.bank = FeatureBank(bank_config)
+        elif self.stream is not None:
+            self.notes.append("settings changed: new stream, bank kept")
+        self.stream = StreamV2V(model, config, self.bank)
+        self.key = key
+        return self.stream
+
+    def _live(self, stream: StreamV2V, frame: torch.Tensor) -> list[torch.Tensor]:
+        ready = stream.push(frame)
+        if ready:
+            return ready[-1:]
+        # Still filling: finish this frame early without disturbing the stream.
+        return stream.flush(keep_state=True)[-1:]
+
+    def _batch(
+        self,
+        stream: StreamV2V,
+        frames: torch.Tensor | Sequence,
+        each_run: str,
+        on_frame: FrameCallback | None,
+    ) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor] = []
+        count = len(frames)
+        for i in range(count):
+            outputs += stream.push(frames[i])
+            if on_frame is not None:
+                on_frame(i + 1, count, outputs[-1] if outputs else None)
+        outputs += stream.flush(keep_state=each_run == "continue stream")
+        if len(outputs) != count:
+            # A stream continued from an earlier run also returns that run's last frames.
+            outputs = outputs[-count:]
+        return outputs
+
+
+class SessionRegistry:
+    """Sessions by name: two graphs with different bank names never share a stream."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+
+    def get(self, name: str) -> Session:
+        name = validate_bank_name(name)
+        return self._sessions.setdefault(name, Session(name))
+
+    def reset(self, name: str) -> bool:
+        session = self._sessions.get(validate_bank_name(name))
+        if session is None:
+            return False
+        session.reset()
+        return True
+
+    def names(self) -> list[str]:
+        return sorted(self._sessions)
+
+    def drop_streams(self) -> None:
+        """Let go of every stream (and so of the models they use); banks stay."""
+        for session in self._sessions.values():
+            session.stream, session.key = None, None
+
+    def clear(self) -> None:
+        self._sessions.clear()
+
+
+def validate_bank_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise StreamV2VError("bank name is empty: give the bank a name, e.g. 'bank'")
+    return name.strip()
