@@ -194,10 +194,16 @@ class Session:
                     on_frame(1, 1, outputs[-1])
             else:
                 outputs = self._batch(stream, frames, each_run, on_frame)
-        except BaseException:
+        except BaseException as exc:
             self.bank, self.stream, self.key, checkpoint = saved
             if self.stream is not None:
                 self.stream.rollback(checkpoint)
+            if isinstance(exc, torch.OutOfMemoryError):
+                h, w = frames[0].shape[:2]
+                raise StreamV2VError(
+                    f"{w}x{h} frames at {len(config.timestep_indices)} steps do not fit in "
+                    "GPU memory: lower width/height, use fewer steps, or free memory"
+                ) from exc
             raise
         self.runs += 1
         return torch.stack(outputs)

@@ -1,0 +1,355 @@
+"""The ComfyUI nodes without ComfyUI: contracts, and each node's function on tiny models.
+
+ComfyUI is stood in for by the three modules the nodes import (``folder_paths``,
+``comfy.utils``, ``comfy.model_management``), backed by temporary model folders; the pack is
+loaded the way ComfyUI loads it (a package under a mangled name, relative imports only).
+"""
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PACK = "ComfyUI-StreamV2V"  # ComfyUI registers a pack under its folder name
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory, tiny_diffusers_dir, tiny_lcm_lora, tiny_lora_kohya, tiny_taesd_dir):
+    """Stand-in ComfyUI modules over temporary model folders, and the pack loaded into it."""
+    models = tmp_path_factory.mktemp("comfy_models")
+    folders = {
+        kind: models / kind for kind in ("checkpoints", "diffusers", "loras", "vae", "vae_approx")
+    }
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["diffusers"] / "tiny-lcm").symlink_to(tiny_diffusers_dir)
+    (folders["loras"] / "lcm-lora-tiny.safetensors").symlink_to(tiny_lcm_lora)
+    (folders["loras"] / "style.safetensors").symlink_to(tiny_lora_kohya)
+    for name in os.listdir(tiny_taesd_dir):
+        (folders["vae_approx"] / name).symlink_to(tiny_taesd_dir / name)
+
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_folder_paths = lambda kind: [str(folders[kind])]
+    folder_paths.get_filename_list = lambda kind: sorted(
+        str(p.relative_to(folders[kind])) for p in folders[kind].rglob("*") if p.is_file()
+    )
+
+    def get_full_path(kind, name):
+        path = folders[kind] / name
+        return str(path) if path.is_file() else None
+
+    folder_paths.get_full_path = get_full_path
+
+    progress = []
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            progress.append((value, total, preview is not None))
+
+    state = types.SimpleNamespace(interrupt_after=None, checks=0, unloads=0)
+
+    def throw_exception_if_processing_interrupted():
+        state.checks += 1
+        if state.interrupt_after is not None and state.checks > state.interrupt_after:
+            raise Interrupted()
+
+    def unload_all_models():
+        state.unloads += 1
+
+    comfy_pkg = types.ModuleType("comfy")
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    mm = types.ModuleType("comfy.model_management")
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.unload_all_models = unload_all_models
+    comfy_pkg.utils, comfy_pkg.model_management = utils, mm
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, module in {
+            "folder_paths": folder_paths,
+            "comfy": comfy_pkg,
+            "comfy.utils": utils,
+            "comfy.model_management": mm,
+        }.items():
+            mp.setitem(sys.modules, name, module)
+        spec = importlib.util.spec_from_file_location(
+            PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+        )
+        pack = importlib.util.module_from_spec(spec)
+        mp.setitem(sys.modules, PACK, pack)
+        spec.loader.exec_module(pack)
+        yield types.SimpleNamespace(
+            pack=pack,
+            nodes=pack.NODE_CLASS_MAPPINGS,
+            folders=folders,
+            progress=progress,
+            state=state,
+            mm=mm,
+            state_module=sys.modules[PACK + ".nodes.state"],
+            engine=lambda name: sys.modules[f"{PACK}.streamv2v.{name}"],
+        )
+        sys.modules[PACK + ".nodes.state"].SESSIONS.clear()
+        sys.modules[PACK + ".nodes.state"].MODELS.clear()
+
+
+def widget_inputs(cls):
+    spec = cls.INPUT_TYPES()
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def test_node_contracts(comfy):
+    assert set(comfy.pack.NODE_DISPLAY_NAME_MAPPINGS) == set(comfy.nodes)
+    for key, cls in comfy.nodes.items():
+        assert cls.CATEGORY == "StreamV2V", key
+        assert cls.DESCRIPTION, key
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS), key
+        assert callable(getattr(cls(), cls.FUNCTION)), key
+        for name, (kind, *rest) in widget_inputs(cls).items():
+            options = rest[0] if rest else {}
+            assert options.get("tooltip"), (key, name)
+            if isinstance(kind, list):
+                assert kind and options.get("default", kind[0]) in kind, (key, name)
+            elif kind in ("INT", "FLOAT"):
+                assert options["min"] <= options["default"] <= options["max"], (key, name)
+            elif kind not in ("STRING", "BOOLEAN"):
+                assert kind == "IMAGE" or kind.startswith("STREAMV2V_"), (key, name, kind)
+        for kind in cls.RETURN_TYPES:
+            assert kind == "IMAGE" or kind.startswith("STREAMV2V_"), (key, kind)
+    sampler = widget_inputs(comfy.nodes["StreamV2VSampler"])
+    assert sampler["seed"][1]["control_after_generate"] is False  # a stream's seed stays fixed
+
+
+def test_dropdowns_list_the_model_folders(comfy):
+    loader = widget_inputs(comfy.nodes["StreamV2VLoadModel"])
+    assert loader["model"][0] == ["diffusers/tiny-lcm"]
+    assert loader["lcm_lora"][0] == ["none", "lcm-lora-tiny.safetensors", "style.safetensors"]
+    assert loader["vae"][0] == ["taesd", "model's own"]
+
+
+def load(comfy, **overrides):
+    args = dict(
+        model="diffusers/tiny-lcm",
+        lcm_lora="none",
+        lcm_lora_strength=1.0,
+        vae="taesd",
+        dtype="auto",
+    )
+    return comfy.nodes["StreamV2VLoadModel"]().load(**{**args, **overrides})[0]
+
+
+def bank(comfy, **overrides):
+    args = dict(kind="dyme", size=1, interval=4, name="test", each_run="continue stream")
+    out = comfy.nodes["StreamV2VFeatureBank"]().bank(**{**args, **overrides})
+    return out["result"][0], out["ui"]["text"][0]
+
+
+SAMPLER_DEFAULTS = dict(
+    prompt="a cat",
+    negative_prompt="",
+    steps=4,
+    strength=0.4,
+    seed=2,
+    cfg_type="none",
+    guidance=1.0,
+    delta=1.0,
+    similar_filter=0.0,
+    max_skip=10,
+    width=0,
+    height=0,
+)
+
+
+def sample(comfy, model, bank_handle, images, **overrides):
+    out = comfy.nodes["StreamV2VSampler"]().sample(
+        model, bank_handle, images, **{**SAMPLER_DEFAULTS, **overrides}
+    )
+    return out["result"][0], out["ui"]["text"][0]
+
+
+def video(count, width=32, height=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(count, height, width, 3, generator=g)
+
+
+def engine_outputs(comfy, model, frames, bank_config=None):
+    stream_module = comfy.engine("stream")
+    StreamConfig, StreamV2V = stream_module.StreamConfig, stream_module.StreamV2V
+    loaded = comfy.state_module.MODELS.get(model.spec)
+    stream = StreamV2V(
+        loaded, StreamConfig(), bank_config or model.bank_config("dyme", 1, 4), prompt="a cat"
+    )
+    return stream, torch.stack(list(stream.process(frames)))
+
+
+def test_loader_loads_once_and_patches_never_mutate(comfy):
+    model = load(comfy)
+    cache = comfy.state_module.MODELS
+    first = cache.get(model.spec)
+    assert load(comfy).spec == model.spec and cache.get(model.spec) is first
+    patch = comfy.nodes["StreamV2VPatchAttention"]().patch
+    patched = patch(model, False, True, 0.5, 0.9)[0]
+    assert model.patch.extended_attention and not patched.patch.extended_attention
+    assert patched.spec == model.spec
+    lora = comfy.nodes["StreamV2VLoadLoRA"]().apply(model, "style.safetensors", 0.7)[0]
+    assert model.spec.loras == () and lora.spec.loras[0].weight == 0.7
+
+
+def test_batch_mode_is_the_engine_aligned_output(comfy):
+    model = load(comfy)
+    frames = video(6)
+    handle, _ = bank(comfy, name="batch", each_run="start new stream")
+    comfy.progress.clear()
+    out, text = sample(comfy, model, handle, frames)
+    assert out.shape == (6, 24, 32, 3) and out.dtype == torch.float32 and out.device.type == "cpu"
+    _, want = engine_outputs(comfy, model, frames)
+    torch.testing.assert_close(out, want)
+    assert [p[0] for p in comfy.progress] == [1, 2, 3, 4, 5, 6]
+    assert "frames absorbed" in text
+    again, _ = sample(comfy, model, handle, frames)  # start new stream: the same result again
+    torch.testing.assert_close(again, out)
+
+
+def test_chunks_continue_one_stream_without_a_seam(comfy):
+    model = load(comfy)
+    frames = video(8)
+    handle, _ = bank(comfy, name="chunks")
+    first, _ = sample(comfy, model, handle, frames[:4])
+    second, _ = sample(comfy, model, handle, frames[4:])
+    _, whole = engine_outputs(comfy, model, frames)
+    torch.testing.assert_close(second, whole[4:])  # the second chunk is exactly the whole run's
+    torch.testing.assert_close(first[:1], whole[:1])  # frames 1-3 were finished early, then
+    assert first.shape == (4, 24, 32, 3)  # recomputed with real successors for the next chunk
+
+
+def test_webcam_mode_carries_the_bank_across_runs(comfy):
+    model = load(comfy)
+    frames = video(6)
+    handle, text = bank(comfy, name="webcam")
+    assert "empty" in text
+    stream, _ = engine_outputs(comfy, model, frames[:1])
+    live = type(stream)(stream.model, stream.config, model.bank_config("dyme", 1, 4), "a cat")
+    absorbed = []
+    for i in range(6):
+        out, _ = sample(comfy, model, handle, frames[i : i + 1])
+        assert out.shape == (1, 24, 32, 3)
+        ready = live.push(frames[i])
+        if i >= 3:  # the stream is full: the output lags steps - 1 = 3 runs
+            torch.testing.assert_close(out[0], ready[0])
+        absorbed.append(comfy.state_module.SESSIONS.get("webcam").bank.frames_absorbed)
+    assert absorbed == sorted(absorbed) and absorbed[-1] > absorbed[0]
+    assert "frames absorbed" in bank(comfy, name="webcam")[1]
+
+
+def test_interrupt_stops_within_a_frame_and_keeps_the_bank(comfy):
+    model = load(comfy)
+    frames = video(8)
+    handle, _ = bank(comfy, name="interrupt")
+    sample(comfy, model, handle, frames[:4])
+    session = comfy.state_module.SESSIONS.get("interrupt")
+    before = session.stats()
+    comfy.state.checks, comfy.state.interrupt_after = 0, 2
+    with pytest.raises(Interrupted):
+        sample(comfy, model, handle, frames[4:])
+    assert comfy.state.checks == 3  # stopped at the third frame's check
+    comfy.state.interrupt_after = None
+    assert session.stats() == before
+    resumed, _ = sample(comfy, model, handle, frames[4:])
+    _, whole = engine_outputs(comfy, model, frames)
+    torch.testing.assert_close(resumed, whole[4:])  # as if the interrupted run never happened
+
+
+def test_bad_inputs_name_themselves(comfy):
+    StreamV2VError = comfy.engine("errors").StreamV2VError
+
+    model = load(comfy)
+    handle, _ = bank(comfy, name="errors")
+    sample(comfy, model, handle, video(2))
+    with pytest.raises(StreamV2VError, match="is 40x24 but this stream.s frames are 32x24"):
+        sample(comfy, model, handle, video(2, width=40))
+    with pytest.raises(StreamV2VError, match="no frames"):
+        sample(comfy, model, handle, video(0))
+    with pytest.raises(StreamV2VError, match="no effect with cfg type 'none'"):
+        sample(comfy, model, handle, video(1), guidance=2.0)
+    with pytest.raises(StreamV2VError, match="dyme"):
+        bank(comfy, size=3)
+    with pytest.raises(StreamV2VError, match="bank name is empty"):
+        bank(comfy, name="  ")
+    with pytest.raises(StreamV2VError, match="no effect without an LCM-LoRA"):
+        load(comfy, lcm_lora_strength=0.5)
+    with pytest.raises(StreamV2VError, match="feature fusion off"):
+        comfy.nodes["StreamV2VPatchAttention"]().patch(model, True, False, 0.5, 0.98)
+    with pytest.raises(StreamV2VError, match="kind 'none'"):
+        patched = comfy.nodes["StreamV2VPatchAttention"]().patch(model, False, True, 0.8, 0.98)
+        sample(comfy, patched[0], bank(comfy, kind="none", name="x")[0], video(1))
+
+
+def test_bank_shared_by_a_model_of_another_shape_is_refused(comfy, tiny_taesd_dir):
+    StreamV2VError = comfy.engine("errors").StreamV2VError
+
+    model = load(comfy)
+    handle, _ = bank(comfy, name="shared")
+    sample(comfy, model, handle, video(3))
+    session = comfy.state_module.SESSIONS.get("shared")
+    before = session.stats()
+    with pytest.raises(StreamV2VError, match="reset the bank"):
+        sample(comfy, model, handle, video(3), steps=2)
+    assert session.stats() == before  # a failed run leaves the bank as it was
+
+
+def test_missing_models_say_where_to_put_them(comfy, monkeypatch):
+    StreamV2VError = comfy.engine("errors").StreamV2VError
+
+    fp = sys.modules["folder_paths"]
+    monkeypatch.setattr(fp, "get_filename_list", lambda kind: [])
+    monkeypatch.setattr(fp, "get_folder_paths", lambda kind: [f"/nowhere/{kind}"])
+    loader = widget_inputs(comfy.nodes["StreamV2VLoadModel"])
+    assert loader["model"][0] == ["no models found"]
+    assert loader["vae"][0] == ["model's own"]
+    with pytest.raises(StreamV2VError, match="/nowhere/checkpoints"):
+        load(comfy, model="no models found")
+    with pytest.raises(StreamV2VError, match="/nowhere/vae_approx"):
+        sys.modules[PACK + ".nodes.comfy"].resolve_vae("taesd")
+
+
+def test_out_of_memory_becomes_a_clear_message(comfy, monkeypatch):
+    StreamV2VError = comfy.engine("errors").StreamV2VError
+    StreamV2V = comfy.engine("stream").StreamV2V
+
+    model = load(comfy)
+    handle, _ = bank(comfy, name="oom")
+
+    def too_big(self, x, tag):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(StreamV2V, "_step", too_big)
+    with pytest.raises(StreamV2VError, match="32x24 frames .* do not fit in GPU memory"):
+        sample(comfy, model, handle, video(2))
+
+
+def test_free_releases_the_model_through_comfyui_unload(comfy):
+    model = load(comfy)
+    cache = comfy.state_module.MODELS
+    assert cache.loaded == model.spec
+    comfy.pack.nodes.hook_unload_models()
+    comfy.mm.unload_all_models()
+    assert cache.loaded is None and comfy.state.unloads == 1
+    out = comfy.nodes["StreamV2VFree"]().free(video(1))
+    assert out["ui"]["text"] == ["no StreamV2V model was loaded"]
+    handle, _ = bank(comfy, name="after-free")
+    assert sample(comfy, model, handle, video(2))[0].shape == (2, 24, 32, 3)  # reloads
+    assert comfy.nodes["StreamV2VFree"]().free(video(1))["ui"]["text"] == [
+        "released the StreamV2V model"
+    ]
