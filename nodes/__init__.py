@@ -5,6 +5,7 @@ pack's routes and hooks ComfyUI's "unload models".
 """
 
 from .bank import StreamV2VFeatureBank
+from .consistency import StreamV2VTemporalConsistency
 from .free import StreamV2VFree, add_routes, hook_unload_models
 from .loaders import StreamV2VLoadLoRA, StreamV2VLoadModel, StreamV2VPatchAttention
 from .sampler import StreamV2VSampler
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "StreamV2VFeatureBank": StreamV2VFeatureBank,
     "StreamV2VSampler": StreamV2VSampler,
     "StreamV2VFree": StreamV2VFree,
+    "StreamV2VTemporalConsistency": StreamV2VTemporalConsistency,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "StreamV2VLoadModel": "Load LCM Model (StreamV2V)",
@@ -25,6 +27,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "StreamV2VFeatureBank": "Feature Bank (StreamV2V)",
     "StreamV2VSampler": "Stream Batch Sampler (StreamV2V)",
     "StreamV2VFree": "Free Memory (StreamV2V)",
+    "StreamV2VTemporalConsistency": "Temporal Consistency (StreamV2V)",
 }
 
 try:

@@ -48,6 +48,8 @@ def comfy(tmp_path_factory, tiny_diffusers_dir, tiny_lcm_lora, tiny_lora_kohya, 
         return str(path) if path.is_file() else None
 
     folder_paths.get_full_path = get_full_path
+    temp = tmp_path_factory.mktemp("comfy_temp")
+    folder_paths.get_temp_directory = lambda: str(temp)
 
     progress = []
 
@@ -127,7 +129,7 @@ def test_node_contracts(comfy):
             elif kind not in ("STRING", "BOOLEAN"):
                 assert kind == "IMAGE" or kind.startswith("STREAMV2V_"), (key, name, kind)
         for kind in cls.RETURN_TYPES:
-            assert kind == "IMAGE" or kind.startswith("STREAMV2V_"), (key, kind)
+            assert kind in ("IMAGE", "FLOAT") or kind.startswith("STREAMV2V_"), (key, kind)
     sampler = widget_inputs(comfy.nodes["StreamV2VSampler"])
     assert sampler["seed"][1]["control_after_generate"] is False  # a stream's seed stays fixed
 
@@ -353,3 +355,22 @@ def test_free_releases_the_model_through_comfyui_unload(comfy):
     assert comfy.nodes["StreamV2VFree"]().free(video(1))["ui"]["text"] == [
         "released the StreamV2V model"
     ]
+
+
+def test_temporal_consistency_measures_flicker_and_plots_it(comfy):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(40, 64, 3, generator=g)
+    frames = torch.stack([torch.roll(base, shifts=2 * i, dims=1) for i in range(6)])
+    flicker = (frames + 0.15 * (torch.arange(6) % 2).view(6, 1, 1, 1)).clamp(0, 1)
+    node = comfy.nodes["StreamV2VTemporalConsistency"]()
+    steady = node.measure(frames, frames, "dis")
+    flickering = node.measure(frames, flicker, "dis")
+    assert steady["result"][0] < 2.0 < 10.0 < flickering["result"][0]
+    assert flickering["result"][1] > steady["result"][1] > 0
+    image = steady["ui"]["images"][0]
+    assert image["type"] == "temp" and image["filename"].endswith(".png")
+    plot = Image.open(Path(sys.modules["folder_paths"].get_temp_directory()) / image["filename"])
+    assert plot.size == (480, 160)
+    assert "warp error" in steady["ui"]["text"][0] and "DIS" in steady["ui"]["text"][0]

@@ -7,7 +7,12 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const STATUS = "streamv2v_status";
-const SHOWS_STATUS = new Set(["StreamV2VFeatureBank", "StreamV2VSampler", "StreamV2VFree"]);
+const SHOWS_STATUS = new Set([
+  "StreamV2VFeatureBank",
+  "StreamV2VSampler",
+  "StreamV2VFree",
+  "StreamV2VTemporalConsistency",
+]);
 
 function showStatus(node, text) {
   let widget = node.widgets?.find((w) => w.name === STATUS);
