@@ -226,23 +226,20 @@ class FeatureBank:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def bind(self, device: torch.device, seed: int, shared: torch.Generator | None = None) -> None:
+    def bind(self, device: torch.device, seed: int) -> None:
         """Give the bank its random source on the model's device, seeded by the stream's seed.
 
-        The authors draw DyMe partitions from the device's global generator after seeding it
-        with the seed: on a GPU that is a generator of its own, on the CPU it is the one the
-        stream's noise came from, so a CPU stream passes its generator as ``shared`` and the
-        draws interleave exactly as theirs do. A bank that already has a generator for this
-        device (restored, or continuing a stream) keeps it, so a continued stream draws the
-        partitions it would have drawn uninterrupted.
+        The authors draw DyMe partitions from torch's global generator of the model's device,
+        seeded with the seed (their VAE sampling uses a generator of its own). On the CPU their
+        init noise came from that same global generator first, so a CPU stream copies its own
+        generator's state into the bank after drawing that noise (``StreamV2V._start``). A bank
+        that already has a generator for this device (restored, or continuing a stream) keeps
+        it, so a continued stream draws the partitions it would have drawn uninterrupted.
         """
         device = torch.device(device)
         if self.generator is not None and self.generator.device.type == device.type:
             return
         self.seed = seed
-        if shared is not None:
-            self.generator = shared
-            return
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 

@@ -220,7 +220,7 @@ class StreamV2V:
             if c.similar_filter is not None
             else None
         )
-        self.bank.bind(self.device, c.seed, self.generator if self.device.type == "cpu" else None)
+        self.bank.bind(self.device, c.seed)
         self.prompt = ""
         self.negative_prompt = ""
         self.set_prompt(prompt, negative_prompt)
@@ -335,6 +335,10 @@ class StreamV2V:
         _, _, h, w = x.shape
         shape = (self.steps, 4, h // 8, w // 8)
         self._init_noise = torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
+        if self.device.type == "cpu" and self.bank.steps == 0:
+            # The authors' CPU DyMe draws continue torch's global generator after their
+            # prepare() drew this noise from it; VAE sampling keeps drawing from our own.
+            self.bank.generator.set_state(self.generator.get_state())
         self._stock_noise = torch.zeros_like(self._init_noise)
         if self.steps > 1:
             self._buffer = torch.zeros_like(self._init_noise[1:])
@@ -572,8 +576,6 @@ class StreamV2V:
         self._last_input = get("last_input")
         self._buffer = get("buffer") if "stream/buffer" in tensors else None
         self.generator.set_state(tensors["stream/generator_state"])
-        if self.device.type == "cpu":  # one shared generator on the CPU, as ``bind`` explains
-            self.bank.generator = self.generator
         self._tags = state["tags"]
         self._input_size = tuple(state["input_size"])
         self._next_index = state["next_index"]
