@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from typing import TYPE_CHECKING
 
+from .cli import add_model_arguments, run_command
 from .errors import StreamV2VError
 
 if TYPE_CHECKING:
@@ -75,40 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", metavar="INPUT", help="the video to run the ablation on")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        required=True,
-        metavar="PATH",
-        help="an SD1.5-family model: a single .safetensors/.ckpt file or a diffusers folder",
-    )
-    model.add_argument(
-        "--lcm-lora",
-        metavar="PATH",
-        help="the LCM-LoRA for SD1.5, fused into a model that is not already an LCM one",
-    )
-    model.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="PATH[:WEIGHT]",
-        help="a style LoRA, fused at WEIGHT (default 1.0); repeat for several",
-    )
-    model.add_argument(
-        "--vae",
-        metavar="PATH",
-        help="replace the model's VAE, e.g. with TAESD (the paper's setting)",
-    )
-    model.add_argument(
-        "--dtype",
-        choices=("fp16", "bf16", "fp32"),
-        help="weights and compute precision (default: fp16 on cuda and mps, fp32 on cpu)",
-    )
-    model.add_argument(
-        "--device",
-        choices=("cuda", "mps", "cpu"),
-        help="where to run (default: cuda if present, else mps, else cpu)",
-    )
+    add_model_arguments(parser)
 
     run = parser.add_argument_group("denoising")
     run.add_argument("--prompt", required=True, metavar="TEXT", help="what to turn it into")
@@ -437,20 +405,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ablation; returns the exit status (2 for bad usage, 1 for errors, 130 for Ctrl-C)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse has printed the usage and its one-line error
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        return _run(args)
-    except StreamV2VError as e:
-        _say("error: " + " ".join(str(e).split()))
-        return 1
-    except KeyboardInterrupt:
-        _say("error: interrupted")
-        return INTERRUPTED
+    """Run the ablation; returns the exit status (see ``cli.run_command``)."""
+    return run_command(PROG, build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

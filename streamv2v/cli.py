@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -45,18 +45,8 @@ def _index_list(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("input", metavar="INPUT", help="the video to restyle")
-    parser.add_argument(
-        "output", metavar="OUTPUT", help="the video to write (.mp4, .mov, .mkv or .webm)"
-    )
-
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose and load a model, shared by every command that loads one."""
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
@@ -92,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("cuda", "mps", "cpu"),
         help="where to run (default: cuda if present, else mps, else cpu)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", metavar="INPUT", help="the video to restyle")
+    parser.add_argument(
+        "output", metavar="OUTPUT", help="the video to write (.mp4, .mov, .mkv or .webm)"
+    )
+
+    add_model_arguments(parser)
 
     prompt = parser.add_argument_group("prompt and denoising")
     prompt.add_argument("--prompt", required=True, metavar="TEXT", help="what to turn it into")
@@ -342,18 +347,28 @@ def _say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; returns the exit status (2 for bad usage, 1 for errors, 130 for Ctrl-C)."""
-    parser = build_parser()
+def run_command(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None,
+) -> int:
+    """Parse and run; expected failures become one line on stderr and an exit status
+    (2 for bad usage, 1 for errors, 130 for Ctrl-C), never a traceback."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage and its one-line error
         return e.code if isinstance(e.code, int) else 2
     try:
-        return _run(args)
+        return run(args)
     except StreamV2VError as e:
-        _say("error: " + " ".join(str(e).split()))
+        print(f"{prog}: error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        _say("error: interrupted")
+        print(f"{prog}: error: interrupted", file=sys.stderr, flush=True)
         return INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status (see ``run_command``)."""
+    return run_command(PROG, build_parser(), _run, argv)
