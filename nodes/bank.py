@@ -25,7 +25,7 @@ class BankHandle:
 
 def describe(name: str) -> str:
     stats = SESSIONS.get(name).stats()
-    if "kind" not in stats:
+    if not stats.get("frames_absorbed"):
         return f"bank '{name}': empty (fills on the next run)"
     mib = stats["bytes"] / 2**20
     text = (

@@ -1,37 +1,51 @@
 // ComfyUI-StreamV2V frontend: show what a bank holds, and reset it with a button.
 //
-// The Feature Bank and Stream Batch Sampler nodes send a status line in their UI output
-// ("text"); ComfyUI does not display that by itself, so it goes into a read-only text box on
-// the node. The bank lives on the server under its name, so "Reset bank" asks the server.
+// The pack's nodes send a status line in their UI output ("text"); ComfyUI does not display
+// that by itself, so it goes into a read-only text box on the node. The bank lives on the
+// server under its name, so "Reset bank" asks the server, and after each run the Feature Bank
+// nodes ask again: the bank node runs before the sampler fills the bank, so its own output is
+// one run behind.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const STATUS = "streamv2v_status";
+const BANK = "StreamV2VFeatureBank";
 const SHOWS_STATUS = new Set([
-  "StreamV2VFeatureBank",
+  BANK,
   "StreamV2VSampler",
   "StreamV2VFree",
   "StreamV2VTemporalConsistency",
 ]);
 
+function addStatus(node) {
+  // A multiline text box, as ComfyUI draws prompts: a disabled one-line widget would hide its
+  // value, and a one-line one would cut the status off.
+  const { widget } = ComfyWidgets.STRING(node, STATUS, ["STRING", { multiline: true }], app);
+  widget.inputEl.readOnly = true;
+  widget.inputEl.placeholder = "status: shown after a run";
+  widget.inputEl.style.opacity = 0.7;
+  widget.serialize = false; // not in the saved widgets_values: saved workflows stay loadable
+  widget.options.serialize = false; // not an input of the queued prompt
+}
+
 function showStatus(node, text) {
-  let widget = node.widgets?.find((w) => w.name === STATUS);
-  if (!widget) {
-    widget = node.addWidget("text", STATUS, "", () => {}, { serialize: false });
-    widget.serialize = false; // never part of widgets_values: saved workflows stay loadable
-    widget.disabled = true;
-  }
+  const widget = node.widgets?.find((w) => w.name === STATUS);
+  if (!widget) return;
   widget.value = text;
   node.setDirtyCanvas?.(true, true);
 }
 
+function bankName(node) {
+  return node.widgets?.find((w) => w.name === "name")?.value ?? "";
+}
+
 async function resetBank(node) {
-  const name = node.widgets?.find((w) => w.name === "name")?.value ?? "";
   try {
     const response = await api.fetchApi("/streamv2v/bank/reset", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ name }),
+      body: JSON.stringify({ name: bankName(node) }),
     });
     const body = await response.json();
     showStatus(node, body.error ? `reset failed: ${body.error}` : body.text);
@@ -40,26 +54,44 @@ async function resetBank(node) {
   }
 }
 
+async function refreshBanks() {
+  const nodes = app.graph.nodes.filter((node) => node.comfyClass === BANK);
+  if (!nodes.length) return;
+  try {
+    const banks = await (await api.fetchApi("/streamv2v/banks")).json();
+    for (const node of nodes) {
+      const bank = banks[bankName(node).trim()];
+      if (bank) showStatus(node, bank.text);
+    }
+  } catch (error) {
+    console.warn("StreamV2V: could not read the banks", error);
+  }
+}
+
 app.registerExtension({
   name: "StreamV2V.Nodes",
+  setup() {
+    api.addEventListener("execution_success", refreshBanks);
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (SHOWS_STATUS.has(nodeData.name)) {
-      const onExecuted = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (message) {
-        onExecuted?.apply(this, arguments);
-        if (message?.text?.length) showStatus(this, message.text.join("\n"));
-      };
-    }
-    if (nodeData.name === "StreamV2VFeatureBank") {
-      const onNodeCreated = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const result = onNodeCreated?.apply(this, arguments);
+    if (!SHOWS_STATUS.has(nodeData.name)) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      if (nodeData.name === BANK) {
         const button = this.addWidget("button", "Reset bank", null, () => resetBank(this), {
           serialize: false,
         });
         button.serialize = false;
-        return result;
-      };
-    }
+      }
+      addStatus(this);
+      this.setSize(this.computeSize());
+      return result;
+    };
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      if (message?.text?.length) showStatus(this, message.text.join("\n"));
+    };
   },
 });

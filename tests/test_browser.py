@@ -1,0 +1,316 @@
+"""The pack in a real browser: the frontend extension, the webcam workflow, saved workflows.
+
+Drives ComfyUI's own frontend in headless Chromium (Playwright) as a user would: open the
+page, pick the webcam example from the template browser, queue it (WebcamCapture grabs a frame
+from Chromium's fake camera), read the status boxes, press "Reset bank", save the workflow.
+
+Needs a ComfyUI checkout (``COMFYUI_PATH``, server Python ``COMFYUI_PYTHON``), a Chromium
+(``CHROMIUM``, default /usr/bin/chromium; Playwright's own browsers are not used) and the
+``playwright`` package; skipped without them.
+
+    COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/its/python \\
+        python -m pytest tests/test_browser.py -m comfyui
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.comfyui
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+if not COMFYUI_PATH:
+    pytest.skip("COMFYUI_PATH is not set", allow_module_level=True)
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+if not os.access(CHROMIUM, os.X_OK):
+    pytest.skip(f"no Chromium at {CHROMIUM} (set CHROMIUM)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from comfy_server import PACK_FOLDER, ComfyServer, extra_widget_values, widget_inputs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTENSION = f"/extensions/{PACK_FOLDER}/streamv2v.js"
+WORKFLOW = "streamv2v_webcam"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",  # a synthetic camera...
+    "--use-fake-ui-for-media-stream",  # ...allowed without asking
+]
+RUN_TIMEOUT_MS = 180_000  # a queued run (the first one loads the model)
+UI_TIMEOUT_MS = 30_000
+LOADER, BANK, SAMPLER = "StreamV2VLoadModel", "StreamV2VFeatureBank", "StreamV2VSampler"
+OUR_NODES = (LOADER, "StreamV2VPatchAttention", BANK, SAMPLER)
+STATUS, RESET = "streamv2v_status", "Reset bank"
+
+# Page-side helpers, defined once per page (window.t) so each call below stays short.
+HELPERS = """([STATUS, RUN_TIMEOUT_MS]) => {
+  const api = window.comfyAPI.api.api;
+  const node = (type) => app.graph.nodes.find((n) => n.comfyClass === type);
+  const widget = (type, name) => node(type).widgets.find((w) => w.name === name);
+  window.t = {
+    node, widget,
+    statusBox: (type) => widget(type, STATUS)?.element ?? null,
+    status: (type) => widget(type, STATUS)?.value ?? null,
+    set: (type, name, value) => { widget(type, name).value = value; },
+    cameraReady: () => node("WebcamCapture")?.widgets.at(-1).disabled === false,
+    // Queue as the Run button does; settle with the run's end event (or an error event).
+    run: () => new Promise((resolve, reject) => {
+      const events = ["execution_success", "execution_error", "execution_interrupted"];
+      const done = (event) => {
+        events.forEach((e) => api.removeEventListener(e, done));
+        clearTimeout(timer);
+        resolve({ type: event.type, detail: event.detail });
+      };
+      const timer = setTimeout(() => reject(new Error("run timed out")), RUN_TIMEOUT_MS);
+      events.forEach((e) => api.addEventListener(e, done));
+      app.queuePrompt(0, 1).catch(reject);
+    }),
+  };
+}"""
+
+
+@pytest.fixture(scope="module")
+def models_dir(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_diffusers_dir: Path,
+    tiny_lcm_lora: Path,
+    tiny_taesd_dir: Path,
+) -> Path:
+    root = tmp_path_factory.mktemp("browser_models")
+    shutil.copytree(tiny_diffusers_dir, root / "diffusers" / "tiny-sd15")
+    (root / "loras").mkdir()
+    shutil.copy(tiny_lcm_lora, root / "loras" / "lcm-lora-tiny.safetensors")
+    shutil.copytree(tiny_taesd_dir, root / "vae_approx")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(models_dir: Path) -> Iterator[ComfyServer]:
+    check = subprocess.run(
+        [COMFYUI_PYTHON, "-c", "import torch, aiohttp, comfyui_frontend_package"],
+        capture_output=True,
+        text=True,
+    )
+    if check.returncode != 0:
+        pytest.skip(f"{COMFYUI_PYTHON} cannot run ComfyUI and its frontend: {check.stderr[-300:]}")
+    srv = ComfyServer(
+        COMFYUI_PATH, {PACK_FOLDER: ROOT}, python=COMFYUI_PYTHON, models_dir=models_dir
+    )
+    srv.start()
+    try:
+        # Not a first visit: the frontend would open the template browser by itself.
+        srv.post("/settings/Comfy.TutorialCompleted", True)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+class Page:
+    """A ComfyUI tab, with what went wrong in it recorded."""
+
+    def __init__(self, browser: Any, server: ComfyServer) -> None:
+        self.context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(UI_TIMEOUT_MS)
+        self.errors: list[str] = []  # console errors and uncaught exceptions, with where
+        self.extension_status: list[int] = []
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda e: self.errors.append(f"{e.message}\n{e.stack}"))
+        self.page.on("requestfailed", lambda r: self.errors.append(f"{r.url} {r.failure}"))
+        self.page.on(
+            "response",
+            lambda r: r.url.endswith(EXTENSION) and self.extension_status.append(r.status),
+        )
+        self.page.goto(server.url)
+        self.page.wait_for_function("() => window.app?.graph && window.comfyAPI?.api")
+        self.page.evaluate(HELPERS, [STATUS, RUN_TIMEOUT_MS])
+
+    def _console(self, message: Any) -> None:
+        if message.type == "error":
+            self.errors.append(f"{message.text}\n{message.location.get('url', '')}")
+
+    def ours(self) -> list[str]:
+        """Errors from the extension or the routes it calls (ComfyUI logs a few of its own)."""
+        return [e for e in self.errors if EXTENSION in e or "/streamv2v/" in e or "StreamV2V:" in e]
+
+    def js(self, expression: str, arg: Any = None) -> Any:
+        return self.page.evaluate(expression, arg)
+
+    def status(self, node_type: str) -> str | None:
+        return self.js("(type) => t.status(type)", node_type)
+
+    def shown(self, node_type: str) -> str:
+        """The status as the user sees it: the text in the node's box, which must be on screen."""
+        box = self.page.evaluate_handle("(type) => t.statusBox(type)", node_type).as_element()
+        assert box is not None and box.is_visible(), f"{node_type}: no status box on screen"
+        return box.input_value()
+
+    def load_template(self) -> None:
+        """Open the webcam example as a user does: Templates, the pack, its card."""
+        self.page.get_by_text("Templates", exact=True).first.click()
+        self.page.get_by_text(PACK_FOLDER, exact=True).click()
+        self.page.get_by_text(WORKFLOW, exact=True).click()
+        self.page.wait_for_function(f"() => t.node('{SAMPLER}') && t.node('{BANK}')")
+
+    def prepare(self, bank: str) -> None:
+        """Tiny models, a private bank absorbing every frame, a small camera frame."""
+        self.js(
+            f"""(bank) => {{
+              t.set("{LOADER}", "model", "diffusers/tiny-sd15");
+              t.set("{LOADER}", "lcm_lora", "lcm-lora-tiny.safetensors");
+              t.set("{LOADER}", "dtype", "fp32");
+              t.set("{BANK}", "name", bank);
+              t.set("{BANK}", "interval", 1);
+              t.set("WebcamCapture", "width", 64);
+              t.set("WebcamCapture", "height", 48);
+            }}""",
+            bank,
+        )
+        self.page.wait_for_function("() => t.cameraReady()")
+
+    def run(self) -> str:
+        """Queue the workflow, wait for it; the sampler's status once the bank node caught up."""
+        result = self.js("() => t.run()")
+        assert result["type"] == "execution_success", result
+        self.page.wait_for_function(
+            f"""() => {{
+              const bank = t.status("{BANK}"), sampler = t.status("{SAMPLER}");
+              return bank && sampler && sampler.startsWith(bank);
+            }}"""
+        )
+        return self.status(SAMPLER)
+
+    def click_widget(self, node_type: str, name: str) -> None:
+        """A real mouse click in the middle of a canvas widget."""
+        x, y = self.js(
+            """([type, name]) => {
+              const node = t.node(type), widget = t.widget(type, name);
+              const [x, y] = app.canvas.ds.convertOffsetToCanvas([
+                node.pos[0] + node.size[0] / 2,
+                node.pos[1] + widget.y + LiteGraph.NODE_WIDGET_HEIGHT / 2,
+              ]);
+              const box = app.canvas.canvas.getBoundingClientRect();
+              return [box.left + x, box.top + y];
+            }""",
+            [node_type, name],
+        )
+        self.page.mouse.click(x, y)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: ComfyServer) -> Iterator[Page]:
+    tab = Page(browser, server)
+    try:
+        yield tab
+    finally:
+        tab.close()
+
+
+def absorbed(status: str) -> int:
+    return int(re.search(r"(\d+) frames absorbed", status).group(1))
+
+
+def frames_in(status: str) -> int:
+    return int(re.search(r"stream: (\d+) frames in", status).group(1))
+
+
+def saved_value_count(info: dict[str, Any]) -> int:
+    """How many widgets_values ComfyUI saves for a node of the pack's: its widget inputs."""
+    return sum(1 + extra_widget_values(*spec) for spec in widget_inputs(info))
+
+
+def test_extension_loads_without_errors(page: Page) -> None:
+    assert page.extension_status == [200]
+    assert "StreamV2V.Nodes" in page.js("() => app.extensions.map((e) => e.name)")
+    page.js(f"() => app.graph.add(LiteGraph.createNode('{BANK}'))")
+    widgets = page.js(f"() => t.node('{BANK}').widgets.map((w) => [w.name, w.type])")
+    assert [name for name, _ in widgets][-2:] == [RESET, STATUS]
+    assert page.ours() == []
+
+
+def test_webcam_stream_grows_the_bank_and_reset_empties_it(page: Page, server) -> None:
+    bank = f"browser-{uuid.uuid4().hex[:8]}"
+    page.load_template()
+    page.prepare(bank)
+
+    first = page.run()
+    second = page.run()
+    assert f"bank '{bank}'" in first
+    assert (frames_in(first), frames_in(second)) == (1, 2)  # the stream carried over
+    assert absorbed(second) > absorbed(first) > 0
+    assert page.shown(SAMPLER) == second
+    assert second.startswith(page.shown(BANK))  # the bank node caught up when the run ended
+    assert page.js("() => t.node('PreviewImage').imgs?.length") == 1
+
+    page.click_widget(BANK, RESET)
+    page.page.wait_for_function(
+        f"() => !t.status('{BANK}').includes('stream:')"  # the stream ended with the reset
+    )
+    assert re.search(r"empty|: 0 frames absorbed", page.shown(BANK)), page.shown(BANK)
+    assert server.get("/streamv2v/banks")[bank].get("frames_absorbed", 0) == 0
+
+    third = page.run()
+    assert frames_in(third) == 1  # a new stream
+    assert page.ours() == []
+
+
+def test_saved_workflow_leaves_out_status_and_button(page: Page, server) -> None:
+    page.load_template()
+    page.prepare(f"browser-{uuid.uuid4().hex[:8]}")
+    page.run()  # the status boxes now hold text: they must still not be saved
+    info = server.object_info()
+
+    saved = page.js("() => app.graph.serialize()")
+    values = {node["type"]: node["widgets_values"] for node in saved["nodes"]}
+    for node_type in OUR_NODES:
+        assert len(values[node_type]) == saved_value_count(info[node_type]), node_type
+    assert values[BANK][2] == 1  # interval, as set: values did not shift
+
+    prompt = page.js("async () => (await app.graphToPrompt()).output")
+    for node in prompt.values():
+        if node["class_type"] in OUR_NODES:
+            allowed = {name for section in info[node["class_type"]]["input"].values()
+                       for name in section}  # fmt: skip
+            assert set(node["inputs"]) <= allowed, node
+
+    page.js("async (workflow) => { await app.loadGraphData(workflow); }", saved)
+    reloaded = page.js(
+        f"""() => [t.widget("{BANK}", "interval").value, t.widget("{BANK}", "name").value,
+                   t.status("{BANK}"), t.widget("{SAMPLER}", "prompt").value]"""
+    )
+    bank_values = values[BANK]
+    assert reloaded[:2] == [bank_values[2], bank_values[3]]
+    assert reloaded[2] == ""  # a fresh, empty status box, not a saved value
+    assert reloaded[3] == values[SAMPLER][0]
+    assert page.ours() == []
