@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from typing import TYPE_CHECKING
 
-from .cli import add_model_arguments, run_command
+from .cli import add_denoising_arguments, add_model_arguments, run_command
 from .errors import StreamV2VError
 
 if TYPE_CHECKING:
@@ -78,20 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_arguments(parser)
 
-    run = parser.add_argument_group("denoising")
-    run.add_argument("--prompt", required=True, metavar="TEXT", help="what to turn it into")
-    run.add_argument(
-        "--steps", type=int, metavar="N", help="denoising steps per frame, 1 to 4 (default 4)"
-    )
-    run.add_argument(
-        "--strength",
-        type=float,
-        metavar="S",
-        help="how far each frame may move from the input, within (0, 1] (default 0.4)",
-    )
-    run.add_argument(
-        "--seed", type=int, default=2, metavar="N", help="seed of the per-step noise (default 2)"
-    )
+    add_denoising_arguments(parser.add_argument_group("denoising"))
 
     video = parser.add_argument_group("video and measurement")
     video.add_argument(

@@ -84,6 +84,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_denoising_arguments(group: argparse._ArgumentGroup) -> None:
+    """--prompt, --steps, --strength and --seed, shared by every command that restyles."""
+    group.add_argument("--prompt", required=True, metavar="TEXT", help="what to turn it into")
+    group.add_argument(
+        "--steps", type=int, metavar="N", help="denoising steps per frame, 1 to 4 (default 4)"
+    )
+    group.add_argument(
+        "--strength",
+        type=float,
+        metavar="S",
+        help="how far each frame may move from the input, within (0, 1] (default 0.4)",
+    )
+    group.add_argument(
+        "--seed", type=int, default=2, metavar="N", help="seed of the per-step noise (default 2)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -99,21 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
 
     prompt = parser.add_argument_group("prompt and denoising")
-    prompt.add_argument("--prompt", required=True, metavar="TEXT", help="what to turn it into")
+    add_denoising_arguments(prompt)
     prompt.add_argument(
         "--negative-prompt",
         default="",
         metavar="TEXT",
         help="what to steer away from; acts only with --cfg-type initialize or full",
-    )
-    prompt.add_argument(
-        "--steps", type=int, metavar="N", help="denoising steps per frame, 1 to 4 (default 4)"
-    )
-    prompt.add_argument(
-        "--strength",
-        type=float,
-        metavar="S",
-        help="how far each frame may move from the input, within (0, 1] (default 0.4)",
     )
     prompt.add_argument(
         "--t-index-list",
@@ -142,9 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="D",
         default=1.0,
         help="residual-noise scale of --cfg-type self/initialize (default 1.0)",
-    )
-    prompt.add_argument(
-        "--seed", type=int, default=2, metavar="N", help="seed of the per-step noise (default 2)"
     )
     prompt.add_argument(
         "--similar-filter",
