@@ -22,6 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import tinymodels  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and on a 2-core machine shared with anything
+# else the thread pools oversubscribe the cores: measured here, the suite took 64 s with one
+# thread and 23 minutes with the default two while another process ran.
+torch.set_num_threads(1)
 from diffusers import AutoencoderTiny, StableDiffusionPipeline  # noqa: E402
 
 
