@@ -151,9 +151,8 @@ class Session:
         stats: dict[str, object] = {"name": self.name, "runs": self.runs}
         if self.bank is not None:
             stats.update(self.bank.stats())
-            stats.pop("tokens_per_layer")
-            tokens = self.bank.stats()["tokens_per_layer"].values()
-            stats["tokens_per_layer"] = max(tokens) if tokens else 0
+            tokens = stats["tokens_per_layer"].values()
+            stats["tokens_per_layer"] = max(tokens, default=0)  # the largest layer, for display
         if self.stream is not None:
             stats["frames_in"] = self.stream._next_index
             stats["lag"] = self.stream.lag
