@@ -314,7 +314,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import describe_device
-    from .loading import load_model, parse_lora_arg, resolve_device
+    from .loading import default_dtype, load_model, parse_lora_arg, resolve_device
     from .metrics import (
         WarpErrorResult,
         correspondences,
@@ -334,7 +334,7 @@ def _run(args: argparse.Namespace) -> int:
     config = replace(config, width=None, height=None)
     loras = [parse_lora_arg(text) for text in args.lora]
     device = resolve_device(args.device)
-    dtype = args.dtype or ("fp16" if device.type in ("cuda", "mps") else "fp32")
+    dtype = args.dtype or default_dtype(device)
     method = args.flow or ("raft" if args.raft_weights else "dis")
     estimator = optical_flow(
         method,

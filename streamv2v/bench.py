@@ -22,6 +22,7 @@ from .errors import StreamV2VError
 from .loading import (
     SHIPPED_SD15_DIR,
     StreamModel,
+    default_dtype,
     load_model,
     quiet_libraries,
     resolve_device,
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.frames < 1 or args.warmup < 0:
             raise StreamV2VError("--frames must be >= 1 and --warmup >= 0")
         device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype or ("fp32" if device.type == "cpu" else "fp16"))
+        dtype = resolve_dtype(args.dtype or default_dtype(device))
         if args.model:
             model = load_model(args.model, vae=args.vae, dtype=dtype, device=device)
         elif args.vae:

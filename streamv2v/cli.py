@@ -280,7 +280,7 @@ def _stream(
     from tqdm import tqdm
 
     from .bank import BankConfig
-    from .loading import load_model, parse_lora_arg, resolve_device
+    from .loading import default_dtype, load_model, parse_lora_arg, resolve_device
     from .stream import StreamConfig, StreamV2V
 
     config = StreamConfig(
@@ -307,7 +307,7 @@ def _stream(
     )
     loras = [parse_lora_arg(text) for text in args.lora]
     device = resolve_device(args.device)
-    dtype = args.dtype or ("fp16" if device.type in ("cuda", "mps") else "fp32")
+    dtype = args.dtype or default_dtype(device)
     _say(f"input: {_describe(reader)}")
     try:
         model = load_model(

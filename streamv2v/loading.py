@@ -104,6 +104,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+def default_dtype(device: torch.device) -> str:
+    """Half precision where it is fast (GPUs), full precision on the CPU, where fp16 is slow."""
+    return "fp32" if device.type == "cpu" else "fp16"
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None`` picks the fastest present device; a named one must exist on this machine."""
     if device is None or str(device).strip().lower() in ("", "auto"):

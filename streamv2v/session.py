@@ -17,7 +17,7 @@ import torch
 
 from .bank import BankConfig, FeatureBank
 from .errors import StreamV2VError
-from .loading import LoraSpec, StreamModel, load_model
+from .loading import LoraSpec, StreamModel, default_dtype, load_model, resolve_device
 from .stream import StreamConfig, StreamV2V
 
 EACH_RUN = ("continue stream", "start new stream")
@@ -40,10 +40,8 @@ class ModelSpec:
         return replace(self, loras=(*self.loras, LoraSpec(path, weight)))
 
     def load(self) -> StreamModel:
-        from .loading import resolve_device
-
         device = resolve_device(self.device)
-        dtype = self.dtype or ("fp32" if device.type == "cpu" else "fp16")
+        dtype = self.dtype or default_dtype(device)
         return load_model(
             self.model,
             lcm_lora=self.lcm_lora,
