@@ -179,18 +179,6 @@ class StreamV2VPatchAttention:
         fusion_strength,
         fusion_threshold,
     ):
-        from ..streamv2v.errors import StreamV2VError
-
-        if not feature_fusion and (fusion_strength != 0.8 or fusion_threshold != 0.98):
-            raise StreamV2VError(
-                "fusion strength and threshold have no effect with feature fusion off: turn "
-                "feature_fusion on or leave them at 0.8 and 0.98"
-            )
-        if not (extended_attention or feature_fusion):
-            raise StreamV2VError(
-                "with extended attention and feature fusion both off the bank does nothing: turn "
-                "one on, or set the Feature Bank's kind to 'none'"
-            )
         patch = AttentionPatch(
             extended_attention, feature_fusion, fusion_strength, fusion_threshold
         )

@@ -62,6 +62,29 @@ class AttentionPatch:
     fusion_strength: float = 0.8
     fusion_threshold: float = 0.98
 
+    def __post_init__(self) -> None:
+        # The bank's own rules (ranges, settings without effect), checked where they enter.
+        self.bank_config("dyme", 1, 4)
+
+    def bank_config(self, kind: str, size: int, interval: int) -> BankConfig:
+        """The bank that applies this patch; kind 'none' takes no patch at all."""
+        if kind == "none":
+            if self != AttentionPatch():
+                raise StreamV2VError(
+                    "the attention patch has no effect with bank kind 'none': choose bank kind "
+                    "'dyme' or 'queue', or remove the Patch Attention node"
+                )
+            return BankConfig(kind="none")
+        return BankConfig(
+            kind=kind,
+            size=size,
+            interval=interval,
+            extended_attention=self.extended_attention,
+            fusion=self.fusion,
+            fusion_strength=self.fusion_strength,
+            fusion_threshold=self.fusion_threshold,
+        )
+
 
 @dataclass(frozen=True)
 class PatchedModel:
@@ -75,23 +98,7 @@ class PatchedModel:
     patch: AttentionPatch = AttentionPatch()
 
     def bank_config(self, kind: str, size: int, interval: int) -> BankConfig:
-        p = self.patch
-        if kind == "none":
-            if p != AttentionPatch():
-                raise StreamV2VError(
-                    "the attention patch has no effect with bank kind 'none': choose bank kind "
-                    "'dyme' or 'queue', or remove the Patch Attention node"
-                )
-            return BankConfig(kind="none", size=1, interval=4)
-        return BankConfig(
-            kind=kind,
-            size=size,
-            interval=interval,
-            extended_attention=p.extended_attention,
-            fusion=p.fusion,
-            fusion_strength=p.fusion_strength if p.fusion else 0.8,
-            fusion_threshold=p.fusion_threshold if p.fusion else 0.98,
-        )
+        return self.patch.bank_config(kind, size, interval)
 
 
 class ModelCache:
