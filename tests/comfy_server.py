@@ -51,6 +51,17 @@ UI_ONLY_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 MODE_MUTED, MODE_BYPASSED = 2, 4
 
 
+def place_tiny_models(root: Path, diffusers_dir: Path, lcm_lora: Path, taesd_dir: Path) -> Path:
+    """ComfyUI model folders under ``root`` holding the tests' tiny models: the diffusers
+    model as ``diffusers/tiny-sd15``, the stand-in LCM-LoRA as ``loras/lcm-lora-tiny.safetensors``
+    and the TAESD files in ``vae_approx``."""
+    shutil.copytree(diffusers_dir, root / "diffusers" / "tiny-sd15")
+    (root / "loras").mkdir()
+    shutil.copy(lcm_lora, root / "loras" / "lcm-lora-tiny.safetensors")
+    shutil.copytree(taesd_dir, root / "vae_approx")
+    return root
+
+
 class ComfyError(RuntimeError):
     """The server refused or failed something; the message carries the server's own words."""
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import uuid
@@ -37,7 +36,13 @@ if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(f"no Chromium at {CHROMIUM} (set CHROMIUM)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from comfy_server import PACK_FOLDER, ComfyServer, extra_widget_values, widget_inputs  # noqa: E402
+from comfy_server import (  # noqa: E402
+    PACK_FOLDER,
+    ComfyServer,
+    extra_widget_values,
+    place_tiny_models,
+    widget_inputs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSION = f"/extensions/{PACK_FOLDER}/streamv2v.js"
@@ -95,11 +100,7 @@ def models_dir(
     tiny_taesd_dir: Path,
 ) -> Path:
     root = tmp_path_factory.mktemp("browser_models")
-    shutil.copytree(tiny_diffusers_dir, root / "diffusers" / "tiny-sd15")
-    (root / "loras").mkdir()
-    shutil.copy(tiny_lcm_lora, root / "loras" / "lcm-lora-tiny.safetensors")
-    shutil.copytree(tiny_taesd_dir, root / "vae_approx")
-    return root
+    return place_tiny_models(root, tiny_diffusers_dir, tiny_lcm_lora, tiny_taesd_dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from comfy_server import (  # noqa: E402
     import_failures,
     input_spec,
     nodes_of_type,
+    place_tiny_models,
     set_inputs,
     ui_to_api,
 )
@@ -158,11 +158,7 @@ def models_dir(
 ) -> Path:
     """ComfyUI model folders holding the tiny models, under the names in ``TINY``."""
     root = tmp_path_factory.mktemp("comfy_models")
-    shutil.copytree(tiny_diffusers_dir, root / "diffusers" / "tiny-sd15")
-    (root / "loras").mkdir()
-    shutil.copy(tiny_lcm_lora, root / "loras" / TINY["lcm_lora"])
-    shutil.copytree(tiny_taesd_dir, root / "vae_approx")
-    return root
+    return place_tiny_models(root, tiny_diffusers_dir, tiny_lcm_lora, tiny_taesd_dir)
 
 
 @pytest.fixture(scope="module")
