@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+    retrieve_latents,
+)
 
 from .attention import bank_processors, pick_attention_kernel
 from .bank import BankConfig, FeatureBank, read_bank_file, self_attention_layers
@@ -346,10 +349,6 @@ class StreamV2V:
             self._step(x, None)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
-            retrieve_latents,
-        )
-
         vae = self.pipe.vae
         return retrieve_latents(vae.encode(x), self.generator) * vae.config.scaling_factor
 
