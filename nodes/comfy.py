@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -147,7 +148,7 @@ class Progress:
             from PIL import Image
 
             self.last = now
-            array = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            array = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             preview = ("JPEG", Image.fromarray(array), 512)
         self.bar.update_absolute(done, total, preview)
 
@@ -157,3 +158,16 @@ def device() -> str | None:
     import comfy.model_management
 
     return str(comfy.model_management.get_torch_device())
+
+
+def status_text(node_id: str | None) -> Callable[[str], None]:
+    """Show a message under the running node (ComfyUI's progress text), e.g. "compiling"."""
+
+    def show(text: str) -> None:
+        from server import PromptServer
+
+        server = PromptServer.instance
+        if node_id is not None and hasattr(server, "send_progress_text"):
+            server.send_progress_text(text, node_id)
+
+    return show

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from ..streamv2v.accel import ACCEL_MODES
 from ..streamv2v.session import PatchedModel
 from ..streamv2v.stream import CFG_TYPES, StreamConfig
 from . import comfy
 from .bank import BANK, BankHandle, describe
 from .loaders import MODEL
 from .state import MODELS, SESSIONS
+
+# The engine's modes a user picks from ("static" is the graphs' building block, for tests).
+ACCELERATION = [mode for mode in ACCEL_MODES if mode != "static"]
 
 
 class StreamV2VSampler:
@@ -147,7 +151,18 @@ class StreamV2VSampler:
                         "tooltip": "Output height; 0 keeps the input's.",
                     },
                 ),
-            }
+                "acceleration": (
+                    ACCELERATION,
+                    {
+                        "default": "compile",
+                        "tooltip": "compile: torch.compile + CUDA graphs, fastest (the first run "
+                        "at a new size compiles for about a minute, cached on disk). graphs: CUDA "
+                        "graphs only, starts in seconds. off: plain PyTorch. Without an NVIDIA "
+                        "GPU, plain PyTorch runs and the node says so.",
+                    },
+                ),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -171,6 +186,8 @@ class StreamV2VSampler:
         max_skip,
         width,
         height,
+        acceleration="compile",
+        unique_id=None,
     ):
         config = StreamConfig(
             steps=steps,
@@ -195,6 +212,8 @@ class StreamV2VSampler:
             images,
             bank.each_run,
             comfy.Progress(len(images)),
+            acceleration,
+            comfy.status_text(unique_id),
         )
         text = "; ".join([describe(bank.name), *session.notes])
         return {"ui": {"text": [text]}, "result": (outputs,)}

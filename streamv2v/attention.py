@@ -147,10 +147,11 @@ class BankSelfAttnProcessor:
         else:
             out = self.kernel(query, key, value, attn.heads)
         out = _finish(attn, out, hidden_states)
+        fused = out
+        if self.fusing and bank_o is not None:  # before recording: a static bank updates in place
+            fused = fuse(out, bank_o, self.strength, self.threshold)
         self.bank.record(self.layer, key, value, out)
-        if self.fusing and bank_o is not None:
-            out = fuse(out, bank_o, self.strength, self.threshold)
-        return out
+        return fused
 
 
 def bank_processors(

@@ -13,8 +13,9 @@ attention processors keep them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -66,6 +67,7 @@ def dyme_merge(
     outputs: torch.Tensor,
     generator: torch.Generator | None,
     ratio: float = 0.5,
+    draws: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dynamic merging: halve the token count by averaging similar tokens.
 
@@ -73,10 +75,14 @@ def dyme_merge(
     and ``dst``; each src token joins the dst token whose *key* is most similar, and every dst
     token becomes the mean of itself and what joined it. K, V and O share one matching so the
     merged tokens stay consistent with each other. Random splits keep the bank from always
-    dropping the same spatial positions.
+    dropping the same spatial positions. ``draws`` (``[rows, tokens, 1]`` uniform numbers)
+    replaces drawing from ``generator`` here, for callers that draw ahead (a static bank).
+    Means are taken in float32 whatever the dtype: fp16 atomic adds are slow and lossy.
     """
-    rows, tokens, _ = keys.shape
-    order = torch.rand(rows, tokens, 1, device=keys.device, generator=generator).argsort(dim=1)
+    rows, tokens, dim = keys.shape
+    if draws is None:
+        draws = torch.rand(rows, tokens, 1, device=keys.device, generator=generator)
+    order = draws.argsort(dim=1)
     n_src = int(ratio * tokens)
     src_idx, dst_idx = order[:, :n_src, :], order[:, n_src:, :]
 
@@ -91,12 +97,12 @@ def dyme_merge(
     src_m, dst_m = split(metric)
     match = (src_m @ dst_m.transpose(-1, -2)).argmax(dim=-1, keepdim=True)
 
-    def merge(x: torch.Tensor) -> torch.Tensor:
-        src, dst = split(x)
-        index = match.expand(rows, n_src, x.shape[-1])
-        return dst.scatter_reduce(1, index, src, reduce="mean", include_self=True)
-
-    return merge(keys), merge(values), merge(outputs)
+    # K, V and O side by side: one split and one scatter for all three.
+    src, dst = split(torch.cat([keys, values, outputs], dim=-1).float())
+    index = match.expand(rows, n_src, src.shape[-1])
+    merged = dst.scatter_reduce(1, index, src, reduce="mean", include_self=True).to(keys.dtype)
+    k, v, o = merged.split([dim, values.shape[-1], outputs.shape[-1]], dim=-1)
+    return k, v, o
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,20 +196,29 @@ class BankConfig:
 
 @dataclass
 class LayerEntries:
-    """One layer's bank: a list of (K, V, O) token sets, oldest first."""
+    """One layer's bank: K, V, O of the stored frames, oldest first along the token axis.
 
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-    outputs: list[torch.Tensor] = field(default_factory=list)
+    A queue holds ``frames`` frames of equal token count side by side, so reading it is a
+    reference, not a concatenation per frame.
+    """
 
-    def __len__(self) -> int:
-        return len(self.keys)
+    keys: torch.Tensor
+    values: torch.Tensor
+    outputs: torch.Tensor
+    frames: int = 1
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.keys, self.values, self.outputs
 
     def tokens(self) -> int:
-        return sum(k.shape[1] for k in self.keys)
+        return self.keys.shape[1]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.outputs))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def copy(self, clone: bool = False) -> LayerEntries:
+        k, v, o = (t.clone() for t in self.tensors()) if clone else self.tensors()
+        return LayerEntries(k, v, o, self.frames)
 
 
 class FeatureBank:
@@ -213,6 +228,11 @@ class FeatureBank:
     processors ``read`` and ``record`` per layer. The update decision is made once per call so
     every layer agrees on whether this frame is absorbed (every ``interval`` frames, counting
     from the first).
+
+    Once full, a bank can be made *static* (``make_static``): from then on updates write into
+    the same tensors, so a captured CUDA graph that reads and updates them stays valid.
+    ``generation`` changes whenever the stored tensors are replaced, which tells a graph it
+    must be captured again.
     """
 
     def __init__(self, config: BankConfig | None = None) -> None:
@@ -222,7 +242,10 @@ class FeatureBank:
         self.frames_absorbed = 0
         self.generator: torch.Generator | None = None
         self.seed: int | None = None
+        self.static = False
+        self.generation = 0
         self._updating = False
+        self._draws: dict[str, torch.Tensor] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -245,15 +268,23 @@ class FeatureBank:
 
     def reset(self) -> None:
         """Forget every stored frame; the next frame seeds the bank afresh."""
-        self.layers.clear()
+        self._replace_layers({})
         self.steps = 0
         self.frames_absorbed = 0
         self._updating = False
         if self.generator is not None and self.seed is not None:
             self.generator.manual_seed(self.seed)
 
-    def begin_step(self) -> None:
+    def _replace_layers(self, layers: dict[str, LayerEntries]) -> None:
+        self.layers = layers
+        self.static = False
+        self._draws = {}
+        self.generation += 1
+
+    def begin_step(self) -> bool:
+        """Decide whether this UNet call is absorbed; True when it is."""
         self._updating = self.config.enabled and self.steps % self.config.interval == 0
+        return self._updating
 
     def end_step(self) -> None:
         if self._updating:
@@ -261,7 +292,52 @@ class FeatureBank:
         self.steps += 1
         self._updating = False
 
+    @contextmanager
+    def step_as(self, updating: bool) -> Iterator[None]:
+        """Run a UNet call as an update (or not) without counting it: for capturing graphs."""
+        self._updating = updating and self.config.enabled
+        try:
+            yield
+        finally:
+            self._updating = False
+
+    def is_full(self, layers: Iterable[str]) -> bool:
+        """Whether every one of ``layers`` holds as many frames as it ever will.
+
+        From then on every tensor keeps its shape, which is what a static bank needs.
+        """
+        if not self.config.enabled:
+            return True
+        frames = 1 if self.config.kind == "dyme" else self.config.size
+        return all(name in self.layers and self.layers[name].frames == frames for name in layers)
+
+    def make_static(self) -> None:
+        """Own the stored tensors and update them in place from now on (see the class doc)."""
+        if self.static:
+            return
+        self._replace_layers({name: e.copy(clone=True) for name, e in self.layers.items()})
+        self.static = True
+        if self.config.kind == "dyme":
+            self._draws = {
+                name: torch.empty(k.shape[0], 2 * k.shape[1], 1, device=k.device)
+                for name, (k, _, _) in ((n, e.tensors()) for n, e in self.layers.items())
+            }
+
+    def draw(self) -> None:
+        """A static DyMe bank's random numbers for this update, all layers at once.
+
+        Drawn in the order the layers first recorded (the UNet's order), so the generator
+        yields what the plain path draws layer by layer; drawing ahead keeps the random
+        source out of the UNet, which can then be compiled as one graph.
+        """
+        if self.static and self._updating:
+            for draws in self._draws.values():
+                torch.rand(draws.shape, generator=self.generator, device=draws.device, out=draws)
+
     # -- per-layer access (called by the attention processors) ---------------------------------
+    # Both are traced by torch.compile with the UNet (no graph breaks): a static bank's shapes
+    # are fixed and its random numbers drawn ahead (``draw``), so a compiled UNet has one graph
+    # for frames that update the bank and one for frames that only read it.
 
     def read(
         self, layer: str, like: torch.Tensor
@@ -272,27 +348,22 @@ class FeatureBank:
         resolution or batch layout cannot be attended to, and saying so beats a shape error.
         """
         entries = self.layers.get(layer)
-        if not entries:
+        if entries is None:
             return None, None, None
-        stored = entries.keys[0]
+        stored = entries.keys
         if stored.shape[0] != like.shape[0] or stored.shape[2] != like.shape[2]:
             raise StreamV2VError(
                 f"the feature bank holds tokens of shape {tuple(stored.shape)} in layer {layer} "
                 f"but this stream makes {tuple(like.shape)}: it was filled with another model, "
                 "step count or CFG type; reset the bank or use a new one"
             )
-        if stored.shape[1] != like.shape[1]:
+        if stored.shape[1] != like.shape[1] * entries.frames:
             raise StreamV2VError(
-                f"the feature bank was filled at another resolution ({stored.shape[1]} tokens in "
-                f"layer {layer}, this stream has {like.shape[1]}): reset the bank or use a new one"
+                f"the feature bank was filled at another resolution "
+                f"({stored.shape[1] // entries.frames} tokens per frame in layer {layer}, this "
+                f"stream has {like.shape[1]}): reset the bank or use a new one"
             )
-        if len(entries) == 1:
-            return entries.keys[0], entries.values[0], entries.outputs[0]
-        return (
-            torch.cat(entries.keys, dim=1),
-            torch.cat(entries.values, dim=1),
-            torch.cat(entries.outputs, dim=1),
-        )
+        return entries.tensors()
 
     @property
     def updating(self) -> bool:
@@ -305,46 +376,65 @@ class FeatureBank:
         """Absorb this frame's pre-fusion K, V, O for ``layer`` if this call is an update."""
         if not self._updating:
             return
-        entries = self.layers.setdefault(layer, LayerEntries())
+        entries = self.layers.get(layer)
+        new = (keys, values, outputs)
+        if entries is None:
+            self.layers[layer] = LayerEntries(keys, values, outputs)
+            self.generation += 1
+            return
         if self.config.kind == "queue":
-            entries.keys.append(keys)
-            entries.values.append(values)
-            entries.outputs.append(outputs)
-            if len(entries) > self.config.size:
-                del entries.keys[0], entries.values[0], entries.outputs[0]
-            return
-        if not entries:
-            entries.keys.append(keys)
-            entries.values.append(values)
-            entries.outputs.append(outputs)
-            return
-        k, v, o = dyme_merge(
-            torch.cat([entries.keys[0], keys], dim=1),
-            torch.cat([entries.values[0], values], dim=1),
-            torch.cat([entries.outputs[0], outputs], dim=1),
-            self.generator,
-            self.config.merge_ratio,
-        )
-        entries.keys[0], entries.values[0], entries.outputs[0] = k, v, o
+            if entries.frames < self.config.size:  # still filling: the bank grows
+                merged = tuple(torch.cat([old, x], dim=1) for old, x in zip(entries.tensors(), new))
+                self.layers[layer] = LayerEntries(*merged, frames=entries.frames + 1)
+                self.generation += 1
+                return
+            tokens = keys.shape[1]
+            merged = tuple(
+                torch.cat([old[:, tokens:], x], dim=1) for old, x in zip(entries.tensors(), new)
+            )
+        else:
+            merged = dyme_merge(
+                *(torch.cat([old, x], dim=1) for old, x in zip(entries.tensors(), new)),
+                self.generator,
+                self.config.merge_ratio,
+                self._draws.get(layer) if self.static else None,
+            )
+        if self.static:
+            for old, x in zip(entries.tensors(), merged):
+                old.copy_(x)
+        else:
+            entries.keys, entries.values, entries.outputs = merged
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def snapshot(self) -> tuple:
-        """A cheap copy of the state: tokens are replaced, never changed in place, so
-        references to them are enough to come back to this point after a failed run."""
-        layers = {
-            name: LayerEntries(list(e.keys), list(e.values), list(e.outputs))
-            for name, e in self.layers.items()
-        }
+        """A copy of the state to come back to after a failed run.
+
+        Cheap outside static mode (tokens are replaced, never changed in place, so references
+        suffice); a static bank's tensors are updated in place, so they are cloned.
+        """
+        layers = {name: e.copy(clone=self.static) for name, e in self.layers.items()}
         generator = self.generator.get_state() if self.generator is not None else None
         return layers, self.steps, self.frames_absorbed, generator
 
     def restore(self, snapshot: tuple) -> None:
         layers, self.steps, self.frames_absorbed, generator = snapshot
-        self.layers = {
-            name: LayerEntries(list(e.keys), list(e.values), list(e.outputs))
-            for name, e in layers.items()
-        }
+        same_shapes = (
+            self.static
+            and layers.keys() == self.layers.keys()
+            and all(
+                a.shape == b.shape
+                for name, e in layers.items()
+                for a, b in zip(e.tensors(), self.layers[name].tensors())
+            )
+        )
+        if same_shapes:  # keep the static tensors (and any graph reading them) valid
+            with torch.inference_mode():  # they were made inside a stream's inference mode
+                for name, e in layers.items():
+                    for target, saved in zip(self.layers[name].tensors(), e.tensors()):
+                        target.copy_(saved)
+        else:
+            self._replace_layers({name: e.copy() for name, e in layers.items()})
         if generator is not None and self.generator is not None:
             self.generator.set_state(generator)
         self._updating = False
@@ -377,10 +467,9 @@ class FeatureBank:
         """Tensors and string metadata, the shape safetensors stores."""
         tensors: dict[str, torch.Tensor] = {}
         for name, entries in self.layers.items():
-            for i in range(len(entries)):
-                tensors[f"{name}/{i}/k"] = entries.keys[i].contiguous()
-                tensors[f"{name}/{i}/v"] = entries.values[i].contiguous()
-                tensors[f"{name}/{i}/o"] = entries.outputs[i].contiguous()
+            for part, stored in zip("kvo", entries.tensors()):
+                for i, frame in enumerate(stored.chunk(entries.frames, dim=1)):
+                    tensors[f"{name}/{i}/{part}"] = frame.contiguous()
         if self.generator is not None:
             tensors["generator_state"] = self.generator.get_state()
         meta = {
@@ -403,15 +492,17 @@ class FeatureBank:
                 f"the saved bank was made with {saved}, which differs from this bank's "
                 f"{asdict(self.config)}: load it into a bank with the same settings"
             )
-        layers: dict[str, LayerEntries] = {}
-        for key in sorted(k for k in tensors if k != "generator_state"):
+        frames: dict[str, dict[str, list[tuple[int, torch.Tensor]]]] = {}
+        for key, tensor in tensors.items():
+            if key == "generator_state":
+                continue
             name, index, part = key.rsplit("/", 2)
-            entries = layers.setdefault(name, LayerEntries())
-            target = {"k": entries.keys, "v": entries.values, "o": entries.outputs}[part]
-            while len(target) <= int(index):
-                target.append(torch.empty(0))
-            target[int(index)] = tensors[key]
-        self.layers = layers
+            frames.setdefault(name, {}).setdefault(part, []).append((int(index), tensor))
+        layers = {}
+        for name, parts in frames.items():
+            k, v, o = (torch.cat([t for _, t in sorted(parts[p])], dim=1) for p in "kvo")
+            layers[name] = LayerEntries(k, v, o, frames=len(parts["k"]))
+        self._replace_layers(layers)
         self.steps = int(meta["steps"])
         self.frames_absorbed = int(meta["frames_absorbed"])
         self.seed = int(meta["seed"]) if meta.get("seed") else None
@@ -423,9 +514,14 @@ class FeatureBank:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FeatureBank:
         """Move the stored tokens (after loading a file, to the stream's device and dtype)."""
-        for entries in self.layers.values():
-            for store in (entries.keys, entries.values, entries.outputs):
-                store[:] = [t.to(device=device, dtype=dtype) for t in store]
+        self._replace_layers(
+            {
+                name: LayerEntries(
+                    *(t.to(device=device, dtype=dtype) for t in e.tensors()), e.frames
+                )
+                for name, e in self.layers.items()
+            }
+        )
         return self
 
     def save(self, path: str | Path) -> None:

@@ -5,6 +5,9 @@ weights, built from the shipped configs on the device (no download, no files). `
 measures a real model instead; the test suite uses that with a tiny model on the CPU.
 
     python -m streamv2v.bench --device cuda --sizes 512 --banks none,dyme --steps 1,4
+
+Each row starts a new stream; "first s" is the time from creating it to its first output
+frame, which includes compiling when the row is the first at its size and step count.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .accel import ACCEL_MODES
 from .bank import BANK_KINDS, BankConfig
 from .errors import StreamV2VError
 from .loading import (
@@ -66,37 +70,60 @@ def random_sd15(device: torch.device, dtype: torch.dtype) -> StreamModel:
 
 @dataclass
 class Result:
+    accel: str
     bank: str
     steps: int
     size: int
     ms_per_frame: float
     fps: float
     peak_mib: float | None
+    first_s: float
 
 
 def measure(
-    model: StreamModel, bank: str, steps: int, size: int, frames: int, warmup: int
+    model: StreamModel,
+    accel: str,
+    bank: str,
+    steps: int,
+    size: int,
+    frames: int,
+    warmup: int,
 ) -> Result:
-    """Time ``frames`` pushes of ComfyUI-style frames (float32 CPU) after ``warmup`` pushes."""
+    """Time ``frames`` pushes of ComfyUI-style frames (float32 CPU) after ``warmup`` pushes.
+
+    Outputs stay on the device and only the last is fetched, as the sampler node does with a
+    batch, so the figure is the engine's rate rather than one host sync per frame.
+    """
     device = torch.device(model.device)
     config = BankConfig() if bank == "dyme" else BankConfig(kind=bank)
-    stream = StreamV2V(model, StreamConfig(steps=steps), config, prompt="a watercolor painting")
     g = torch.Generator().manual_seed(0)
     inputs = [torch.rand(size, size, 3, generator=g) for _ in range(8)]
-    for i in range(warmup):
-        stream.push(inputs[i % len(inputs)])
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
+    stream = StreamV2V(
+        model, StreamConfig(steps=steps), config, prompt="a watercolor painting", accel=accel
+    )
+    pushed = 0
+    while not stream.push(inputs[pushed % len(inputs)]):
+        pushed += 1
+    first = time.perf_counter() - start
+    for i in range(warmup):
+        stream.push(inputs[i % len(inputs)], to_cpu=False)
+    out = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
     for i in range(frames):
-        stream.push(inputs[i % len(inputs)])
+        out = stream.push(inputs[i % len(inputs)], to_cpu=False) or out
+    if out:
+        out[-1].cpu()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     ms = 1000 * elapsed / frames
-    return Result(bank, steps, size, ms, 1000 / ms, peak)
+    return Result(stream.accel, bank, steps, size, ms, 1000 / ms, peak, first)
 
 
 def describe_device(device: torch.device) -> str:
@@ -110,12 +137,14 @@ def table(results: list[Result], device: str, model: str, dtype: torch.dtype) ->
         f"device: {device}   torch {torch.__version__}   dtype {str(dtype).removeprefix('torch.')}",
         f"model: {model}",
         "",
-        f"{'bank':<6} {'steps':>5} {'size':>6} {'ms/frame':>9} {'FPS':>8} {'peak MiB':>9}",
+        f"{'accel':<8} {'bank':<6} {'steps':>5} {'size':>6} {'ms/frame':>9} {'FPS':>8} "
+        f"{'peak MiB':>9} {'first s':>8}",
     ]
     for r in results:
         peak = f"{r.peak_mib:9.0f}" if r.peak_mib is not None else f"{'-':>9}"
         lines.append(
-            f"{r.bank:<6} {r.steps:>5} {r.size:>6} {r.ms_per_frame:9.2f} {r.fps:8.1f} {peak}"
+            f"{r.accel:<8} {r.bank:<6} {r.steps:>5} {r.size:>6} {r.ms_per_frame:9.2f} "
+            f"{r.fps:8.1f} {peak} {r.first_s:8.1f}"
         )
     return "\n".join(lines)
 
@@ -138,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=_ints, default=[512], help="square sizes, e.g. 512,768")
     parser.add_argument("--steps", type=_ints, default=[4], help="step counts, e.g. 1,4")
     parser.add_argument("--banks", default="none,dyme", help="bank kinds, e.g. none,queue,dyme")
+    parser.add_argument(
+        "--accel",
+        default="compile",
+        help=f"acceleration modes to compare, from {', '.join(ACCEL_MODES)} (e.g. off,compile)",
+    )
     parser.add_argument("--frames", type=int, default=100, help="timed frames per row")
     parser.add_argument("--warmup", type=int, default=10, help="untimed frames per row")
     args = parser.parse_args(argv)
@@ -146,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         for bank in banks:
             if bank not in BANK_KINDS:
                 raise StreamV2VError(f"--banks: {bank!r} is not one of {', '.join(BANK_KINDS)}")
+        accels = [a.strip() for a in args.accel.split(",") if a.strip()]
+        for accel in accels:
+            if accel not in ACCEL_MODES:
+                raise StreamV2VError(f"--accel: {accel!r} is not one of {', '.join(ACCEL_MODES)}")
         if args.frames < 1 or args.warmup < 0:
             raise StreamV2VError("--frames must be >= 1 and --warmup >= 0")
         device = resolve_device(args.device)
@@ -158,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             with quiet_libraries():
                 model = random_sd15(device, dtype)
         results = [
-            measure(model, bank, steps, size, args.frames, args.warmup)
+            measure(model, accel, bank, steps, size, args.frames, args.warmup)
             for size in args.sizes
             for steps in args.steps
             for bank in banks
+            for accel in accels
         ]
     except StreamV2VError as exc:
         print(f"streamv2v.bench: error: {exc}", file=sys.stderr)

@@ -20,7 +20,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,6 +62,8 @@ class StreamModel:
     description: str
     family: str = "SD1.5"
     vae_kind: str = "kl"  # "kl" (AutoencoderKL) or "taesd" (AutoencoderTiny)
+    # What the fast path prepared once per model (compiled modules, layout): see accel.py.
+    accelerated: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 # --- small argument parsers -------------------------------------------------------------------

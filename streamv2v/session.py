@@ -173,6 +173,8 @@ class Session:
         frames: torch.Tensor | Sequence,
         each_run: str = "continue stream",
         on_frame: FrameCallback | None = None,
+        accel: str = "compile",
+        on_status: Callable[[str], None] | None = None,
     ) -> torch.Tensor:
         """Restyle ``frames`` (``[N, H, W, 3]``), continuing this session's stream.
 
@@ -180,6 +182,7 @@ class Session:
         left where the last real frame left it, so the next chunk carries on without a seam.
         N = 1 (a webcam frame, a still): the output ``lag`` frames behind, or while the stream
         fills, the current frame finished early. A failure leaves bank and stream as they were.
+        ``accel`` and ``on_status`` are ``StreamV2V``'s.
         """
         if each_run not in EACH_RUN:
             raise StreamV2VError(f"each run must be one of {', '.join(EACH_RUN)}, not {each_run!r}")
@@ -189,7 +192,10 @@ class Session:
         saved = (self.bank, self.stream, self.key, self.stream and self.stream.checkpoint())
         self.notes = []
         try:
-            stream = self._stream_for(model, config, bank_config, each_run)
+            stream = self._stream_for(model, config, bank_config, each_run, accel)
+            stream.on_status = on_status
+            if stream.accel_note:
+                self.notes.append(stream.accel_note)
             if (prompt, negative_prompt) != (stream.prompt, stream.negative_prompt):
                 stream.set_prompt(prompt, negative_prompt)
             if count == 1:
@@ -218,8 +224,9 @@ class Session:
         config: StreamConfig,
         bank_config: BankConfig,
         each_run: str,
+        accel: str,
     ) -> StreamV2V:
-        key = (id(model), config, bank_config)
+        key = (id(model), config, bank_config, accel)
         if self.stream is not None and self.key == key and each_run == "continue stream":
             return self.stream
         if self.bank is None or self.bank.config != bank_config:
@@ -230,7 +237,7 @@ class Session:
             self.bank = FeatureBank(bank_config)
         elif self.stream is not None:
             self.notes.append("settings changed: new stream, bank kept")
-        self.stream = StreamV2V(model, config, self.bank)
+        self.stream = StreamV2V(model, config, self.bank, accel=accel)
         self.key = key
         return self.stream
 
@@ -248,17 +255,34 @@ class Session:
         each_run: str,
         on_frame: FrameCallback | None,
     ) -> list[torch.Tensor]:
+        """Frames move to the GPU and back in chunks, not one by one: a per-frame transfer
+        makes the host wait for the GPU every frame, and the GPU then waits for the host."""
         outputs: list[torch.Tensor] = []
+        pending: list[torch.Tensor] = []
         count = len(frames)
-        for i in range(count):
-            outputs += stream.push(frames[i])
-            if on_frame is not None:
-                on_frame(i + 1, count, outputs[-1] if outputs else None)
-        outputs += stream.flush(keep_state=each_run == "continue stream")
+        device = stream.device
+        for start in range(0, count, TRANSFER_CHUNK):
+            chunk = frames[start : start + TRANSFER_CHUNK]
+            if isinstance(chunk, torch.Tensor):
+                chunk = chunk.to(device)
+            for i, frame in enumerate(chunk, start):
+                pending += stream.push(frame, to_cpu=False)
+                if on_frame is not None:
+                    on_frame(i + 1, count, pending[-1] if pending else None)
+            outputs += _to_cpu(pending)
+            pending = []
+        outputs += _to_cpu(stream.flush(keep_state=each_run == "continue stream", to_cpu=False))
         if len(outputs) != count:
             # A stream continued from an earlier run also returns that run's last frames.
             outputs = outputs[-count:]
         return outputs
+
+
+TRANSFER_CHUNK = 64
+
+
+def _to_cpu(images: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.stack(images).cpu().unbind()) if images else []
 
 
 class SessionRegistry:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
     retrieve_latents,
 )
 
+from .accel import StaticStep, resolve_accel
 from .attention import bank_processors, pick_attention_kernel
 from .bank import BankConfig, FeatureBank, read_bank_file, self_attention_layers
 from .errors import StreamV2VError
@@ -41,6 +43,8 @@ CFG_TYPES = ("none", "self", "initialize", "full")
 SCHEDULER_STEPS = 50  # the LCM schedule t_index_list indexes into
 MAX_STEPS = 4
 STREAM_FILE_FORMAT = "streamv2v-stream"
+
+log = logging.getLogger(__name__)
 
 
 def t_index_list_from_strength(strength: float, steps: int) -> list[int]:
@@ -178,6 +182,11 @@ class StreamV2V:
     The model is shared and never changed beyond its attention processors, which each stream
     installs for the duration of its own UNet calls; the bank is the caller's object, so it
     can be kept, reset, inspected and saved across streams.
+
+    ``accel`` picks how frames run once the stream is primed (``accel.ACCEL_MODES``): by
+    default compiled and captured as CUDA graphs on an NVIDIA GPU, plain PyTorch elsewhere
+    (``accel_note`` then says why). ``on_status`` receives messages worth showing a user
+    while they wait, such as compiling.
     """
 
     def __init__(
@@ -187,6 +196,8 @@ class StreamV2V:
         bank: FeatureBank | BankConfig | None = None,
         prompt: str = "",
         negative_prompt: str = "",
+        accel: str = "compile",
+        on_status: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self.config = config or StreamConfig()
@@ -202,7 +213,12 @@ class StreamV2V:
                 f"this UNet takes {unet.config.in_channels} input channels; StreamV2V needs a "
                 "plain SD1.5 text-to-image UNet (4 channels), not an inpainting or depth model"
             )
-        self._check_bank_layers(self_attention_layers(unet.attn_processors.keys()))
+        self.bank_layers = self_attention_layers(unet.attn_processors.keys())
+        self._check_bank_layers(self.bank_layers)
+        self.on_status = on_status
+        self.accel, self.accel_note = resolve_accel(accel, self.device)
+        if self.accel_note:
+            log.warning(self.accel_note)
 
         c = self.config
         self.steps = len(c.timestep_indices)
@@ -228,6 +244,13 @@ class StreamV2V:
         self.negative_prompt = ""
         self.set_prompt(prompt, negative_prompt)
         self._reset_stream()
+        self._fast = StaticStep(self, self.accel) if self.accel != "off" else None
+
+    def status(self, text: str) -> None:
+        """Tell the user what a long wait is (the log, and ``on_status`` when given)."""
+        log.info(text)
+        if self.on_status is not None:
+            self.on_status(text)
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -325,11 +348,12 @@ class StreamV2V:
         x = resize(x, pw, ph)
         return (x * 2 - 1).to(self.dtype)
 
-    def _finish_image(self, decoded: torch.Tensor) -> torch.Tensor:
+    def _to_image(self, decoded: torch.Tensor) -> torch.Tensor:
+        """``[H, W, 3]`` float32 in 0..1 at the output size, still on the model's device."""
         width, height = self.output_size
         image = (decoded.float() / 2 + 0.5).clamp(0, 1)
         image = resize(image, width, height).clamp(0, 1)
-        return image[0].permute(1, 2, 0).cpu()
+        return image[0].permute(1, 2, 0)
 
     # -- the denoising step --------------------------------------------------------------------
 
@@ -362,10 +386,13 @@ class StreamV2V:
             unet.set_attn_processor(dict(self._processors))
             unet._streamv2v_owner = self._owner
 
-    def _denoise(self, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _denoise(
+        self, x_t: torch.Tensor, unet: Callable
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """One UNet call over the stream batch; returns (finished x0, next buffer, stock noise).
 
-        Nothing of the stream's own state changes here, so a failure leaves it as it was.
+        Nothing of the stream's own state changes here, so a failure leaves it as it was. The
+        bank's step is begun and ended by the caller (the fast path captures both kinds).
         """
         c, a, b = self.config, self._a, self._b
         noise = self._init_noise
@@ -383,13 +410,7 @@ class StreamV2V:
             x_in, t_in = x, t
 
         self._install_processors()
-        self.bank.begin_step()
-        try:
-            eps = self.pipe.unet(x_in, t_in, encoder_hidden_states=self._embeds, return_dict=False)[
-                0
-            ]
-        finally:
-            self.bank.end_step()
+        eps = unet(x_in, t_in, encoder_hidden_states=self._embeds, return_dict=False)[0]
 
         if c.cfg_type == "initialize":
             eps_text = eps[1:]
@@ -414,28 +435,45 @@ class StreamV2V:
         return x0[-1:], buffer, stock
 
     def _step(self, x: torch.Tensor, tag: int | None) -> list[tuple[int, torch.Tensor]]:
-        """Run one frame (``tag`` None for priming/flush frames that are never shown)."""
-        latent = self._encode(x)
-        x_t = self._a[0] * latent + self._b[0] * self._init_noise[0]
-        finished, buffer, stock = self._denoise(x_t)
-        self._buffer, self._stock_noise = buffer, stock
-        self._tags = [tag, *self._tags[:-1]]
-        done = self._tags[-1]
-        if done is None:
-            return []
-        image = self._finish_image(self._decode(finished))
+        """Run one frame (``tag`` None for priming/flush frames that are never shown).
+
+        Images come back on the model's device; the fast path once every shape is final.
+        """
+        if self._fast is not None and self._fast.ready():
+            image = self._fast(x)
+            self._tags = [tag, *self._tags[:-1]]
+            done = self._tags[-1]
+            if done is None:
+                return []
+            image = image.clone()  # the fast path's image buffer is rewritten next frame
+        else:
+            latent = self._encode(x)
+            x_t = self._a[0] * latent + self._b[0] * self._init_noise[0]
+            self.bank.begin_step()
+            try:
+                finished, buffer, stock = self._denoise(x_t, self.pipe.unet)
+            finally:
+                self.bank.end_step()
+            self._buffer, self._stock_noise = buffer, stock
+            self._tags = [tag, *self._tags[:-1]]
+            done = self._tags[-1]
+            if done is None:
+                return []
+            image = self._to_image(self._decode(finished))
         self._last_output = image
         return [(done, image)] + [(i, image) for i in self._aliases.pop(done, [])]
 
     # -- public API ----------------------------------------------------------------------------
 
-    def push(self, frame: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+    def push(self, frame: np.ndarray | torch.Tensor, to_cpu: bool = True) -> list[torch.Tensor]:
         """Live mode: feed one frame, get the outputs that became ready (``lag`` frames behind).
 
         Returns ``[]`` while the stream fills, then usually one frame per push. A frame the
         similar-frame filter skips costs no UNet call and repeats its predecessor's output.
+        ``to_cpu=False`` leaves images on the model's device, so a caller collecting many
+        frames can move them in one transfer instead of waiting for the GPU every frame.
         """
-        return [image for _, image in self._push(frame)]
+        return [image.cpu() if to_cpu else image for _, image in self._push(frame)]
 
     def _push(self, frame: np.ndarray | torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         with torch.inference_mode():
@@ -454,7 +492,7 @@ class StreamV2V:
             self._last_processed = index
             return self._step(x, index)
 
-    def flush(self, keep_state: bool = False) -> list[torch.Tensor]:
+    def flush(self, keep_state: bool = False, to_cpu: bool = True) -> list[torch.Tensor]:
         """Finish every frame still in the batch by repeating the last input.
 
         With ``keep_state`` the stream (bank included) is put back as it was afterwards, so the
@@ -466,7 +504,10 @@ class StreamV2V:
         try:
             with torch.inference_mode():
                 while any(tag is not None for tag in self._tags[:-1]):
-                    outputs += [image for _, image in self._step(self._last_input, None)]
+                    outputs += [
+                        image.cpu() if to_cpu else image
+                        for _, image in self._step(self._last_input, None)
+                    ]
         finally:
             if saved is not None:
                 self.rollback(saved)
@@ -482,6 +523,9 @@ class StreamV2V:
             f = self._filter
             filter_state = (f.previous, f.skipped_in_a_row, f.generator.get_state())
         fields = {k: v for k, v in vars(self).items() if k in _STREAM_STATE}
+        for name in ("_buffer", "_stock_noise"):  # the fast path rewrites these in place
+            if fields[name] is not None:
+                fields[name] = fields[name].clone()
         fields["_tags"] = list(self._tags)
         fields["_aliases"] = {k: list(v) for k, v in self._aliases.items()}
         return self.bank.snapshot(), fields, self.generator.get_state(), filter_state

@@ -102,7 +102,8 @@ def test_interval_counts_from_the_first_frame():
     frames = frames_of(9)
     entries = drive(bank, frames)
     assert bank.frames_absorbed == 3  # frames 0, 4, 8
-    for stored, source in zip(entries.keys, (frames[0], frames[4], frames[8])):
+    assert entries.frames == 3
+    for stored, source in zip(entries.keys.chunk(3, dim=1), (frames[0], frames[4], frames[8])):
         assert torch.equal(stored, source[0])
 
 
@@ -110,9 +111,8 @@ def test_queue_is_fifo_of_last_n_updates():
     bank = FeatureBank(BankConfig(kind="queue", size=2, interval=1))
     frames = frames_of(5)
     entries = drive(bank, frames)
-    assert len(entries) == 2
-    assert torch.equal(entries.outputs[0], frames[3][2])
-    assert torch.equal(entries.outputs[1], frames[4][2])
+    assert entries.frames == 2
+    assert torch.equal(entries.outputs, torch.cat([frames[3][2], frames[4][2]], 1))
     k, v, o = bank.read("up_blocks.1.attentions.0.transformer_blocks.0.attn1", frames[0][0])
     assert k.shape == (2, 12, 4)
     assert torch.equal(o, torch.cat([frames[3][2], frames[4][2]], 1))
@@ -123,9 +123,9 @@ def test_dyme_first_update_takes_frame_then_merges_to_constant_size():
     bank.bind(torch.device("cpu"), seed=5)
     frames = frames_of(50)
     entries = drive(bank, frames[:1])
-    assert torch.equal(entries.keys[0], frames[0][0])  # empty bank: taken as it is
+    assert torch.equal(entries.keys, frames[0][0])  # empty bank: taken as it is
     entries = drive(bank, frames[1:])
-    assert len(entries) == 1 and entries.keys[0].shape == (2, 6, 4)
+    assert entries.frames == 1 and entries.keys.shape == (2, 6, 4)
     assert bank.frames_absorbed == 50
 
 
@@ -208,8 +208,8 @@ def test_processor_reads_then_records_pre_fusion_output(layer, fuses):
         want = fuse(o1, o0, 0.8, -1.0) if fuses else o1
         torch.testing.assert_close(second, want)
         entries = bank.layers[layer]
-        torch.testing.assert_close(entries.outputs[0], o1)  # stored before fusion
-        torch.testing.assert_close(entries.keys[0], k1)
+        torch.testing.assert_close(entries.outputs, o1)  # stored before fusion
+        torch.testing.assert_close(entries.keys, k1)
 
 
 def test_bank_save_load_round_trip(tmp_path):
@@ -221,8 +221,8 @@ def test_bank_save_load_round_trip(tmp_path):
     assert restored.stats() == bank.stats()
     more = frames_of(4)[1:]
     a, b = drive(bank, more), drive(restored, more)
-    for x, y in zip((a.keys, a.values, a.outputs), (b.keys, b.values, b.outputs)):
-        assert torch.equal(x[0], y[0])  # identical continuation, DyMe partitions included
+    for x, y in zip(a.tensors(), b.tensors()):
+        assert torch.equal(x, y)  # identical continuation, DyMe partitions included
     with pytest.raises(StreamV2VError, match="differs"):
         FeatureBank(BankConfig(kind="queue")).load_state_dict(*bank.state_dict())
     (tmp_path / "junk.safetensors").write_bytes(b"not a bank")
@@ -245,10 +245,10 @@ def test_bank_rejects_tokens_of_another_shape():
 def test_reset_empties_and_reseeds():
     bank = FeatureBank(BankConfig(kind="dyme", interval=1))
     bank.bind(torch.device("cpu"), seed=3)
-    first = drive(bank, frames_of(3)).keys[0].clone()
+    first = drive(bank, frames_of(3)).keys.clone()
     bank.reset()
     assert bank.stats()["layers"] == 0 and bank.frames_absorbed == 0 and bank.nbytes() == 0
-    assert torch.equal(drive(bank, frames_of(3)).keys[0], first)
+    assert torch.equal(drive(bank, frames_of(3)).keys, first)
 
 
 def test_attention_kernel_prefers_working_xformers(monkeypatch):

@@ -1,0 +1,253 @@
+"""The fast path: the per-frame step on static buffers, captured as CUDA graphs, compiled.
+
+The plain step (``StreamV2V._step``) allocates its results anew every frame and lets the bank
+grow; that keeps it easy to check against the authors' code, and makes it launch-bound on a
+GPU (thousands of small kernels per frame, each queued by Python). Once a stream is primed
+and its bank full, every tensor of a frame's step keeps its shape for the rest of the stream,
+so the step can run on fixed buffers instead (``StaticStep``):
+
+- the stream's state (latent buffer, residual noise, prompt embeddings) and the bank's
+  tokens live in tensors that are updated in place (``FeatureBank.make_static``);
+- the whole step, TAESD encode to decoded image, is captured once as a CUDA graph per kind
+  of frame (one that updates the bank, one that only reads it) and replayed per frame, so a
+  frame costs one launch and no host sync;
+- with ``compile`` the UNet and TAESD are compiled by ``torch.compile`` (Inductor's fused
+  kernels) before capture. Compiled kernels are cached on disk by Inductor, so a restart pays
+  only the tracing, not the compiling.
+
+Priming and the frames before the bank is full run the plain step, which is also the
+reference: the fast path's output equals it within fp16 rounding (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import StreamV2VError
+
+if TYPE_CHECKING:
+    from .loading import StreamModel
+    from .stream import StreamV2V
+
+log = logging.getLogger(__name__)
+
+# compile: torch.compile + CUDA graphs (fastest; the first run at a size compiles, ~1 min)
+# graphs:  CUDA graphs only (starts in seconds)
+# static:  fixed buffers without graphs (any device; what the graphs replay)
+# off:     the plain step
+ACCEL_MODES = ("compile", "graphs", "static", "off")
+# State the step reads and rewrites; kept in fixed tensors while the fast path runs.
+STATE_FIELDS = ("_buffer", "_stock_noise", "_init_noise", "_embeds")
+WARMUP_CALLS = 2
+
+
+def resolve_accel(mode: str, device: torch.device) -> tuple[str, str | None]:
+    """The mode that will run on ``device``, and a message when it is not the one asked for.
+
+    Acceleration is asked for by default, so its absence must not be an error: a CPU or Mac
+    runs the plain step, a GPU without Triton gets CUDA graphs without compiling, and the
+    message says why and what would change it.
+    """
+    if mode not in ACCEL_MODES:
+        raise StreamV2VError(
+            f"acceleration {mode!r} is unknown: use one of {', '.join(ACCEL_MODES)}"
+        )
+    if mode in ("off", "static"):
+        return mode, None
+    if device.type != "cuda":
+        return "off", (
+            f"acceleration '{mode}' needs an NVIDIA GPU (CUDA); running plain PyTorch on "
+            f"{device.type}"
+        )
+    if mode == "compile":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "graphs", (
+                "torch.compile needs Triton, which this PyTorch install lacks: using CUDA graphs "
+                "without compiling (install triton, or triton-windows on Windows, for the "
+                "fastest path)"
+            )
+    return mode, None
+
+
+# Compiled graphs kept per function: each size, step count and bank kind needs its own, two
+# for a bank (frames that update it, frames that only read it). torch's default of 8 would
+# silently fall back to uncompiled code after a few changes of settings.
+RECOMPILE_LIMIT = 64
+
+
+def _compiled(model: StreamModel, name: str, module: torch.nn.Module) -> Callable:
+    """One compiled wrapper per model and module, shared by every stream of that model."""
+    cache = model.accelerated
+    if name not in cache:
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        cache[name] = torch.compile(module, dynamic=False)
+    return cache[name]
+
+
+def prepare_model(model: StreamModel) -> None:
+    """Channels-last weights: cuDNN's fast convolutions want NHWC, and converting every
+    activation to it per call took a fifth of the GPU time of the plain step."""
+    if model.accelerated.get("channels_last"):
+        return
+    model.pipe.unet.to(memory_format=torch.channels_last)
+    model.pipe.vae.to(memory_format=torch.channels_last)
+    model.accelerated["channels_last"] = True
+
+
+class StaticStep:
+    """One stream's fast step; ``__call__`` runs a frame and returns its image (on device).
+
+    The image tensor is overwritten by the next frame: callers copy what they keep.
+    """
+
+    def __init__(self, stream: StreamV2V, mode: str) -> None:
+        if mode not in ("compile", "graphs", "static"):
+            raise ValueError(f"StaticStep runs compile, graphs or static, not {mode!r}")
+        self.stream = stream
+        self.mode = mode
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.generation: int | None = None
+        self.state: dict[str, torch.Tensor] = {}
+        self._pool = None
+        model = stream.model
+        if mode != "static":
+            prepare_model(model)
+        compile_ = mode == "compile"
+        unet = model.pipe.unet
+        self.unet = _compiled(model, "unet", unet) if compile_ else unet
+        vae = model.pipe.vae
+        # TAESD's encode/decode are its encoder/decoder modules (no sampling, no RNG), so
+        # they join the graph; a KL VAE samples its latent on the CPU, so it encodes outside.
+        self.encode_inside = model.vae_kind == "taesd"
+        if self.encode_inside:
+            scale = vae.config.scaling_factor
+            encoder = _compiled(model, "taesd_encoder", vae.encoder) if compile_ else vae.encoder
+            decoder = _compiled(model, "taesd_decoder", vae.decoder) if compile_ else vae.decoder
+            self._encode = lambda x: encoder(x) * scale
+            self._decode = lambda z: decoder(z / scale)
+        else:
+            self._encode = stream._encode
+            self._decode = stream._decode
+        self.input: torch.Tensor | None = None  # frame (TAESD) or latent (KL VAE)
+        self.image: torch.Tensor | None = None
+
+    def ready(self) -> bool:
+        """Whether the stream is primed and its bank full, i.e. every shape is final."""
+        s = self.stream
+        return s._init_noise is not None and s.bank.is_full(s.bank_layers)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s, bank = self.stream, self.stream.bank
+        if self.image is None:
+            self._allocate(x)
+        bank.make_static()
+        self._adopt_state()
+        source = x if self.encode_inside else s._encode(x)
+        self.input.copy_(source)
+        if self.mode != "static" and bank.generation != self.generation:
+            self.graphs.clear()
+            self.generation = bank.generation
+        updating = bank.begin_step()
+        try:
+            if self.mode == "static":
+                self._body()
+            else:
+                graph = self.graphs.get(updating) or self._capture(updating)
+                graph.replay()
+        finally:
+            bank.end_step()
+        return self.image
+
+    # -- buffers -------------------------------------------------------------------------------
+
+    def _allocate(self, x: torch.Tensor) -> None:
+        s = self.stream
+        self.input = torch.empty_like(x if self.encode_inside else s._init_noise[0:1])
+        width, height = s.output_size
+        self.image = torch.empty(height, width, 3, device=x.device, dtype=torch.float32)
+        self.state = {
+            name: torch.empty_like(getattr(s, name))
+            for name in STATE_FIELDS
+            if getattr(s, name) is not None
+        }
+
+    def _adopt_state(self) -> None:
+        """Point the stream's state at the fixed tensors, copying in whatever replaced them
+        (a new prompt, a rollback, plain steps in between)."""
+        s = self.stream
+        for name, fixed in self.state.items():
+            current = getattr(s, name)
+            if current is not fixed:
+                fixed.copy_(current)
+                setattr(s, name, fixed)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _body(self) -> None:
+        s = self.stream
+        s.bank.draw()
+        latent = self._encode(self.input) if self.encode_inside else self.input
+        x_t = s._a[0] * latent + s._b[0] * s._init_noise[0]
+        finished, buffer, stock = s._denoise(x_t, self.unet)
+        if buffer is not None:
+            s._buffer.copy_(buffer)
+        s._stock_noise.copy_(stock)
+        self.image.copy_(s._to_image(self._decode(finished)))
+
+    def _capture(self, updating: bool) -> torch.cuda.CUDAGraph:
+        """Warm up (compiling, picking cuDNN algorithms) and capture one kind of frame.
+
+        Warm-up runs the step for real, so the state it changes is put back before capture:
+        the graph must start from the stream's true state.
+        """
+        s, bank = self.stream, self.stream.bank
+        if self.mode == "compile" and not s.model.accelerated.get(("compiled", self.input.shape)):
+            s.status(
+                f"compiling the model for {s.output_size[0]}x{s.output_size[1]} frames (about a "
+                "minute the first time; cached on disk for later runs)"
+            )
+        saved = {name: t.clone() for name, t in self.state.items()}, bank.snapshot()
+        side = torch.cuda.Stream(device=self.input.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), _cudnn_tuned(), bank.step_as(updating):
+            for _ in range(WARMUP_CALLS):
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        tensors, bank_state = saved
+        for name, t in tensors.items():
+            self.state[name].copy_(t)
+        bank.restore(bank_state)
+        s.model.accelerated[("compiled", self.input.shape)] = True
+
+        graph = torch.cuda.CUDAGraph()
+        if bank.generator is not None and bank.generator.device.type == "cuda":
+            graph.register_generator_state(bank.generator)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with _cudnn_tuned(), bank.step_as(updating), torch.cuda.graph(graph, pool=self._pool):
+            self._body()
+        self.graphs[updating] = graph
+        return graph
+
+
+def _cudnn_tuned():
+    """cuDNN's benchmarked algorithm choice, for warm-up and capture alike (the graph replays
+    whatever algorithm capture picked)."""
+    if not torch.backends.cudnn.is_available():
+        return nullcontext()
+    return torch.backends.cudnn.flags(
+        enabled=True,
+        benchmark=True,
+        deterministic=False,
+        allow_tf32=torch.backends.cudnn.allow_tf32,
+    )

@@ -1,0 +1,126 @@
+"""The fast path gives the plain path's frames: static buffers on any device, CUDA graphs and
+torch.compile on a GPU (those cases skip without one)."""
+
+import copy
+
+import pytest
+import torch
+
+from streamv2v.accel import resolve_accel
+from streamv2v.bank import BankConfig
+from streamv2v.errors import StreamV2VError
+from streamv2v.stream import StreamConfig, StreamV2V
+from tests.test_stream import video
+
+CUDA = torch.cuda.is_available()
+BANKS = {
+    "dyme": BankConfig(interval=2),
+    "queue2": BankConfig(kind="queue", size=2, interval=2),
+    "none": BankConfig(kind="none"),
+}
+
+
+def run(model, accel, bank, frames, config=None, prompt="a watercolor painting"):
+    stream = StreamV2V(model, config or StreamConfig(), bank, prompt=prompt, accel=accel)
+    return list(stream.process(frames)), stream
+
+
+def assert_frames_close(got, want, accel):
+    assert len(got) == len(want)
+    if accel == "static":  # same kernels in the same order: the very same numbers
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    else:  # fp16 on the GPU, other kernels: within fp16 tolerance of the plain path
+        diff = torch.stack([(a - b).abs() for a, b in zip(got, want)])
+        assert diff.mean() < 2e-3 and diff.max() < 5e-2, (diff.mean(), diff.max())
+
+
+ACCELS = [
+    "static",
+    pytest.param("graphs", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")),
+    pytest.param("compile", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")),
+]
+
+
+def on_device(model, accel):
+    """The model where ``accel`` runs: as it is (CPU, fp32) for static, else on the GPU in fp16."""
+    if accel == "static":
+        return model
+    gpu = copy.deepcopy(model)
+    gpu.pipe.to("cuda", torch.float16)
+    gpu.device, gpu.dtype = torch.device("cuda"), torch.float16
+    return gpu
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+@pytest.mark.parametrize("bank", list(BANKS))
+@pytest.mark.parametrize(
+    "config",
+    [
+        StreamConfig(),
+        StreamConfig(steps=1, strength=0.5),
+        StreamConfig(cfg_type="self", guidance=1.4),
+    ],
+    ids=["4-steps", "1-step", "cfg-self"],
+)
+def test_fast_path_equals_plain_path(tiny_model, tiny_model_taesd, bank, config, accel):
+    frames = video(14)
+    for model in (on_device(tiny_model_taesd, accel), on_device(tiny_model, accel)):
+        want, _ = run(model, "off", BANKS[bank], frames, config)
+        got, stream = run(model, accel, BANKS[bank], frames, config)
+        assert stream.accel == accel and stream.accel_note is None
+        assert stream.bank.static and stream._fast.image is not None  # the fast path took over
+        assert_frames_close(got, want, accel)
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_fast_path_survives_rollback_reset_and_prompt_change(tiny_model, tiny_model_taesd, accel):
+    frames = video(16)
+    for model in (on_device(tiny_model_taesd, accel), on_device(tiny_model, accel)):
+
+        def drive(mode, model=model):
+            stream = StreamV2V(model, StreamConfig(), BANKS["dyme"], prompt="ink", accel=mode)
+            out = [stream.push(f) for f in frames[:6]]
+            out.append(stream.flush(keep_state=True))  # rolled back: bank restored in place
+            out += [stream.push(f) for f in frames[6:10]]
+            stream.set_prompt("oil painting")
+            out += [stream.push(f) for f in frames[10:13]]
+            stream.bank.reset()  # fast path steps aside until the bank is full again
+            out += [stream.push(f) for f in frames[13:]]
+            out.append(stream.flush())
+            return [image for batch in out for image in batch], stream
+
+        want, _ = drive("off")
+        got, stream = drive(accel)
+        assert stream.bank.static
+        assert_frames_close(got, want, accel)
+
+
+def test_accel_falls_back_with_a_message():
+    cpu = torch.device("cpu")
+    assert resolve_accel("off", cpu) == ("off", None)
+    assert resolve_accel("static", cpu) == ("static", None)
+    mode, note = resolve_accel("compile", cpu)
+    assert mode == "off" and "needs an NVIDIA GPU" in note
+    mode, note = resolve_accel("graphs", torch.device("mps"))
+    assert mode == "off" and "mps" in note
+    with pytest.raises(StreamV2VError, match="acceleration 'fast' is unknown"):
+        resolve_accel("fast", cpu)
+
+
+def test_default_on_cpu_is_the_plain_path_with_a_note(tiny_model):
+    stream = StreamV2V(tiny_model, StreamConfig(), BANKS["dyme"])
+    assert stream.accel == "off" and "needs an NVIDIA GPU" in stream.accel_note
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_compiling_is_announced(tiny_model_taesd):
+    model = on_device(tiny_model_taesd, "compile")
+    said = []
+    stream = StreamV2V(model, StreamConfig(), BANKS["dyme"], accel="compile", on_status=said.append)
+    list(stream.process(video(8)))
+    assert len(said) == 1 and "compiling" in said[0]
+    said.clear()
+    again = StreamV2V(model, StreamConfig(), BANKS["dyme"], accel="compile", on_status=said.append)
+    list(again.process(video(8)))
+    assert said == []  # compiled once per model and size
