@@ -255,34 +255,67 @@ class Session:
         each_run: str,
         on_frame: FrameCallback | None,
     ) -> list[torch.Tensor]:
-        """Frames move to the GPU and back in chunks, not one by one: a per-frame transfer
-        makes the host wait for the GPU every frame, and the GPU then waits for the host."""
-        outputs: list[torch.Tensor] = []
-        pending: list[torch.Tensor] = []
+        """Frames move to the GPU and back in chunks through pinned memory without waiting:
+        the GPU has a queue of frames to work through while the host copies the next chunk
+        in and the finished ones out, so neither waits for the other."""
         count = len(frames)
-        device = stream.device
+        results = _Downloads(stream.device)
         for start in range(0, count, TRANSFER_CHUNK):
             chunk = frames[start : start + TRANSFER_CHUNK]
-            if isinstance(chunk, torch.Tensor):
-                chunk = chunk.to(device)
+            if isinstance(chunk, torch.Tensor) and stream.device.type == "cuda":
+                chunk = chunk.pin_memory().to(stream.device, non_blocking=True)
             for i, frame in enumerate(chunk, start):
-                pending += stream.push(frame, to_cpu=False)
+                results.add(stream.push(frame, to_cpu=False))
                 if on_frame is not None:
-                    on_frame(i + 1, count, pending[-1] if pending else None)
-            outputs += _to_cpu(pending)
-            pending = []
-        outputs += _to_cpu(stream.flush(keep_state=each_run == "continue stream", to_cpu=False))
-        if len(outputs) != count:
-            # A stream continued from an earlier run also returns that run's last frames.
-            outputs = outputs[-count:]
-        return outputs
+                    on_frame(i + 1, count, results.latest())
+        results.add(stream.flush(keep_state=each_run == "continue stream", to_cpu=False))
+        outputs = results.finish()
+        # A stream continued from an earlier run also returns that run's last frames.
+        return outputs[-count:]
 
 
-TRANSFER_CHUNK = 64
+TRANSFER_CHUNK = 16
 
 
-def _to_cpu(images: list[torch.Tensor]) -> list[torch.Tensor]:
-    return list(torch.stack(images).cpu().unbind()) if images else []
+class _Downloads:
+    """Images leaving the GPU in chunks, each copied into pinned memory without a host sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: list[torch.Tensor] = []
+        self.chunks: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+
+    def add(self, images: list[torch.Tensor]) -> None:
+        self.pending += images
+        if len(self.pending) >= TRANSFER_CHUNK:
+            self._send()
+
+    def _send(self) -> None:
+        if not self.pending:
+            return
+        batch = torch.stack(self.pending)
+        self.pending = []
+        host = torch.empty(batch.shape, dtype=batch.dtype, pin_memory=self.cuda)
+        host.copy_(batch, non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.chunks.append((host, event))
+
+    def latest(self) -> torch.Tensor | None:
+        """The newest image already on the host (for previews; never waits for the GPU)."""
+        for host, event in reversed(self.chunks):
+            if event is None or event.query():
+                return host[-1]
+        return None
+
+    def finish(self) -> list[torch.Tensor]:
+        self._send()
+        for _, event in self.chunks:
+            if event is not None:
+                event.synchronize()
+        return [image for host, _ in self.chunks for image in host.unbind()]
 
 
 class SessionRegistry:
