@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from ..streamv2v.accel import ACCEL_MODES
+from ..streamv2v.modes import USER_ACCEL_MODES
 from ..streamv2v.session import PatchedModel
 from ..streamv2v.stream import CFG_TYPES, StreamConfig
 from . import comfy
 from .bank import BANK, BankHandle, describe
 from .loaders import MODEL
 from .state import MODELS, SESSIONS
-
-# The engine's modes a user picks from ("static" is the graphs' building block, for tests).
-ACCELERATION = [mode for mode in ACCEL_MODES if mode != "static"]
 
 
 class StreamV2VSampler:
@@ -152,7 +149,7 @@ class StreamV2VSampler:
                     },
                 ),
                 "acceleration": (
-                    ACCELERATION,
+                    list(USER_ACCEL_MODES),
                     {
                         "default": "compile",
                         "tooltip": "compile: torch.compile + CUDA graphs, fastest (the first run "

@@ -234,6 +234,7 @@ def measure(
     frames: list[np.ndarray],
     pairs: list[Correspondence],
     warmup: int,
+    accel: str = "compile",
 ) -> Row:
     """Run one bank configuration over ``frames`` and measure it; out of memory is a result."""
     import torch
@@ -251,7 +252,7 @@ def measure(
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        stream = StreamV2V(model, config, bank, prompt)
+        stream = StreamV2V(model, config, bank, prompt, accel=accel)
         seconds, errors, differences = _run_stream(stream, frames, pairs, device)
     except torch.cuda.OutOfMemoryError:
         return Row(label, kind, size, None, None, None, None, f"out of {device.type} memory")
@@ -359,7 +360,9 @@ def _run(args: argparse.Namespace) -> int:
     _say(f"model: {model.description}")
     rows = []
     for label, kind, size in CONFIGURATIONS:
-        row = measure(model, config, label, kind, size, args.prompt, frames, pairs, args.warmup)
+        row = measure(
+            model, config, label, kind, size, args.prompt, frames, pairs, args.warmup, args.accel
+        )
         _say(f"{label}: " + (row.error or f"{row.ms_per_frame:.2f} ms/frame"))
         rows.append(row)
     report = {

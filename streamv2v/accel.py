@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import StreamV2VError
+from .modes import ACCEL_MODES
 
 if TYPE_CHECKING:
     from .loading import StreamModel
@@ -36,11 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# compile: torch.compile + CUDA graphs (fastest; the first run at a size compiles, ~1 min)
-# graphs:  CUDA graphs only (starts in seconds)
-# static:  fixed buffers without graphs (any device; what the graphs replay)
-# off:     the plain step
-ACCEL_MODES = ("compile", "graphs", "static", "off")
 # State the step reads and rewrites; kept in fixed tensors while the fast path runs.
 STATE_FIELDS = ("_buffer", "_stock_noise", "_init_noise", "_embeds")
 WARMUP_CALLS = 2

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .accel import ACCEL_MODES
 from .bank import BANK_KINDS, BankConfig
 from .errors import StreamV2VError
 from .loading import (
@@ -32,6 +31,7 @@ from .loading import (
     resolve_device,
     resolve_dtype,
 )
+from .modes import ACCEL_MODES
 from .stream import StreamConfig, StreamV2V
 
 

@@ -15,6 +15,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from .errors import StreamV2VError
+from .modes import USER_ACCEL_MODES
 
 if TYPE_CHECKING:
     from .video import VideoReader, VideoWriter
@@ -81,6 +82,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         choices=("cuda", "mps", "cpu"),
         help="where to run (default: cuda if present, else mps, else cpu)",
+    )
+    model.add_argument(
+        "--accel",
+        choices=USER_ACCEL_MODES,
+        default="compile",
+        help="on an NVIDIA GPU: compile (torch.compile + CUDA graphs, fastest; the first run at "
+        "a size compiles for about a minute, cached on disk), graphs (CUDA graphs only, starts "
+        "in seconds) or off (plain PyTorch); elsewhere plain PyTorch runs (default: compile)",
     )
 
 
@@ -318,7 +327,11 @@ def _stream(
             dtype=dtype,
             device=device,
         )
-        stream = StreamV2V(model, config, bank, args.prompt, args.negative_prompt)
+        stream = StreamV2V(
+            model, config, bank, args.prompt, args.negative_prompt, args.accel, on_status=_say
+        )
+        if stream.accel_note:
+            _say(stream.accel_note)
         _say(f"model: {model.description}")
         with writer, tqdm(total=reader.frame_count, unit="frame", desc=PROG) as bar:
             for image in stream.process(reader):

@@ -218,7 +218,7 @@ class StreamV2V:
         self.on_status = on_status
         self.accel, self.accel_note = resolve_accel(accel, self.device)
         if self.accel_note:
-            log.warning(self.accel_note)
+            log.info(self.accel_note)  # callers show it: accel_note
 
         c = self.config
         self.steps = len(c.timestep_indices)
