@@ -10,10 +10,11 @@ so the step can run on fixed buffers instead (``StaticStep``):
   tokens live in tensors that are updated in place (``FeatureBank.make_static``);
 - the whole step, TAESD encode to decoded image, is captured once as a CUDA graph per kind
   of frame (one that updates the bank, one that only reads it) and replayed per frame, so a
-  frame costs one launch and no host sync;
-- with ``compile`` the UNet and TAESD are compiled by ``torch.compile`` (Inductor's fused
-  kernels) before capture. Compiled kernels are cached on disk by Inductor, so a restart pays
-  only the tracing, not the compiling.
+  frame costs one launch and no host sync (a KL VAE samples its latent on the CPU, so it
+  encodes outside the graph);
+- with ``compile`` the UNet (bank reads and updates included, traced in the same graph) and
+  TAESD are compiled by ``torch.compile`` (Inductor's fused kernels) before capture. Compiled
+  kernels are cached on disk by Inductor, so a restart pays only the tracing.
 
 Priming and the frames before the bank is full run the plain step, which is also the
 reference: the fast path's output equals it within fp16 rounding (tested).
@@ -21,7 +22,6 @@ reference: the fast path's output equals it within fp16 rounding (tested).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
@@ -34,8 +34,6 @@ from .modes import ACCEL_MODES
 if TYPE_CHECKING:
     from .loading import StreamModel
     from .stream import StreamV2V
-
-log = logging.getLogger(__name__)
 
 # State the step reads and rewrites; kept in fixed tensors while the fast path runs.
 STATE_FIELDS = ("_buffer", "_stock_noise", "_init_noise", "_embeds")

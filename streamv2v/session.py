@@ -117,6 +117,11 @@ class ModelCache:
                 self._spec = spec
             return self._model
 
+    def adopt(self, spec: ModelSpec, model: StreamModel) -> None:
+        """Serve ``model`` for ``spec`` without loading it (a host or benchmark that built it)."""
+        with self._lock:
+            self._spec, self._model = spec, model
+
     @property
     def loaded(self) -> ModelSpec | None:
         return self._spec if self._model is not None else None

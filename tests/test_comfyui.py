@@ -90,6 +90,7 @@ SPEC = {
             "max_skip",
             "width",
             "height",
+            "acceleration",
         ],
         ["IMAGE"],
     ),  # fmt: skip
@@ -120,6 +121,7 @@ SPEC_OPTIONS = {
     ("StreamV2VSampler", "max_skip"): {"default": 10, "min": 1, "max": 100},
     ("StreamV2VSampler", "width"): {"default": 0, "min": 0, "max": 4096, "step": 8},
     ("StreamV2VSampler", "height"): {"default": 0, "min": 0, "max": 4096, "step": 8},
+    ("StreamV2VSampler", "acceleration"): {"default": "compile"},
 }  # fmt: skip
 # Combos the node spec fixes (model-file combos depend on the folders: checked in the test).
 SPEC_CHOICES = {
@@ -127,6 +129,7 @@ SPEC_CHOICES = {
     ("StreamV2VFeatureBank", "kind"): ["dyme", "queue", "none"],
     ("StreamV2VFeatureBank", "each_run"): ["continue stream", "start new stream"],
     ("StreamV2VSampler", "cfg_type"): ["none", "self", "initialize", "full"],
+    ("StreamV2VSampler", "acceleration"): ["compile", "graphs", "off"],
 }
 
 

@@ -211,14 +211,15 @@ def test_loader_loads_once_and_patches_never_mutate(comfy):
 
 def test_batch_mode_is_the_engine_aligned_output(comfy):
     model = load(comfy)
-    frames = video(6)
+    frames = video(20)  # more than one transfer chunk
     handle, _ = bank(comfy, name="batch", each_run="start new stream")
     comfy.progress.clear()
     out, text = sample(comfy, model, handle, frames)
-    assert out.shape == (6, 24, 32, 3) and out.dtype == torch.float32 and out.device.type == "cpu"
+    assert out.shape == (20, 24, 32, 3) and out.dtype == torch.float32 and out.device.type == "cpu"
     _, want = engine_outputs(comfy, model, frames)
     torch.testing.assert_close(out, want)
-    assert [p[0] for p in comfy.progress] == [1, 2, 3, 4, 5, 6]
+    assert [p[0] for p in comfy.progress] == list(range(1, 21))
+    assert any(p[2] for p in comfy.progress)  # a preview once the first chunk is back
     assert "frames absorbed" in text
     again, _ = sample(comfy, model, handle, frames)  # start new stream: the same result again
     torch.testing.assert_close(again, out)

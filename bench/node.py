@@ -1,0 +1,172 @@
+"""The Stream Batch Sampler node's own function against the engine, in one process.
+
+ComfyUI hands the node a whole video as one float32 CPU tensor ``[N, H, W, 3]``; the node
+must add no per-frame cost to the engine's. This loads the pack the way ComfyUI does (a
+package under its folder name) over stand-ins for the few ComfyUI services the nodes call,
+then times the node's function on N-frame batches (the stream continuing from run to run, as
+with a video in chunks) and the engine's steady rate (``python -m streamv2v.bench``'s
+measurement) for the same settings, and prints both with their ratio.
+
+    python bench/node.py --device cuda --frames 120 --size 512 --accel compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACK = "ComfyUI_StreamV2V_bench"
+
+
+def stand_in_comfyui(device: str) -> None:
+    """The modules the nodes import from ComfyUI, doing what they do during a run."""
+    import torch
+
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_folder_paths = lambda kind: []
+    folder_paths.get_filename_list = lambda kind: []
+    folder_paths.get_full_path = lambda kind, name: None
+    folder_paths.get_temp_directory = lambda: str(ROOT)
+
+    class ProgressBar:  # ComfyUI's sends a websocket message per update; this only counts
+        def __init__(self, total: int) -> None:
+            self.updates = 0
+
+        def update_absolute(self, value, total=None, preview=None) -> None:
+            self.updates += 1
+
+    class Routes:
+        def get(self, path):
+            return lambda handler: handler
+
+        post = get
+
+    comfy = types.ModuleType("comfy")
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    management = types.ModuleType("comfy.model_management")
+    management.get_torch_device = lambda: torch.device(device)
+    management.throw_exception_if_processing_interrupted = lambda: None
+    management.unload_all_models = lambda: None
+    comfy.utils, comfy.model_management = utils, management
+    server = types.ModuleType("server")
+    server.PromptServer = types.SimpleNamespace(
+        instance=types.SimpleNamespace(
+            routes=Routes(), send_progress_text=lambda text, node: print(f"node says: {text}")
+        )
+    )
+    sys.modules.update(
+        {
+            "folder_paths": folder_paths,
+            "comfy": comfy,
+            "comfy.utils": utils,
+            "comfy.model_management": management,
+            "server": server,
+        }
+    )
+
+
+def load_pack() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = pack
+    spec.loader.exec_module(pack)
+    return pack
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/node.py", description=__doc__)
+    parser.add_argument("--model", help="a model to use (default: random SD1.5 + TAESD)")
+    parser.add_argument("--vae", help="with --model: the VAE (e.g. a TAESD folder)")
+    parser.add_argument("--device", default="cuda", help="cuda, mps or cpu (default cuda)")
+    parser.add_argument("--frames", type=int, default=120, help="frames per node run")
+    parser.add_argument("--size", type=int, default=512, help="square frame size")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps")
+    parser.add_argument("--accel", default="compile", help="compile, graphs or off")
+    parser.add_argument("--runs", type=int, default=3, help="timed node runs (best is kept)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    stand_in_comfyui(args.device)
+    pack = load_pack()
+    engine = sys.modules[f"{PACK}.streamv2v"]
+    bench = importlib.import_module(f"{PACK}.streamv2v.bench")
+    loading = importlib.import_module(f"{PACK}.streamv2v.loading")
+    session = importlib.import_module(f"{PACK}.streamv2v.session")
+    nodes_bank = importlib.import_module(f"{PACK}.nodes.bank")
+    state = importlib.import_module(f"{PACK}.nodes.state")
+    try:
+        device = loading.resolve_device(args.device)
+        dtype = loading.resolve_dtype(loading.default_dtype(device))
+        if args.model:
+            model = loading.load_model(args.model, vae=args.vae, dtype=dtype, device=device)
+        else:
+            with loading.quiet_libraries():
+                model = bench.random_sd15(device, dtype)
+        spec = session.ModelSpec(model=args.model or "random")
+        state.MODELS.adopt(spec, model)
+        node = pack.NODE_CLASS_MAPPINGS["StreamV2VSampler"]()
+        handle = nodes_bank.BankHandle("bench", "dyme", 1, 4, "continue stream")
+        widgets = dict(
+            prompt="a watercolor painting",
+            negative_prompt="",
+            steps=args.steps,
+            strength=0.4,
+            seed=2,
+            cfg_type="none",
+            guidance=1.0,
+            delta=1.0,
+            similar_filter=0.0,
+            max_skip=10,
+            width=0,
+            height=0,
+            acceleration=args.accel,
+            unique_id="1",
+        )
+        g = torch.Generator().manual_seed(0)
+
+        def batch() -> torch.Tensor:
+            return torch.rand(args.frames, args.size, args.size, 3, generator=g)
+
+        start = time.perf_counter()
+        node.sample(session.PatchedModel(spec), handle, batch(), **widgets)
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(args.runs):
+            frames = batch()
+            start = time.perf_counter()
+            out = node.sample(session.PatchedModel(spec), handle, frames, **widgets)
+            times.append(time.perf_counter() - start)
+            if out["result"][0].shape != frames.shape:
+                raise engine.StreamV2VError("the node returned another number of frames")
+        rate = bench.measure(
+            model, args.accel, "dyme", args.steps, args.size, args.frames, warmup=10
+        )
+    except engine.StreamV2VError as exc:
+        print(f"bench/node.py: error: {exc}", file=sys.stderr)
+        return 1
+    node_fps = args.frames / min(times)
+    print(
+        f"device: {bench.describe_device(device)}   torch {torch.__version__}   "
+        f"accel {rate.accel}   {args.size}x{args.size}, {args.steps} steps, DyMe bank"
+    )
+    print(f"node, first run (loads, compiles, captures): {first:.1f} s")
+    print(
+        f"node: {args.frames} frames in {1000 * min(times):.0f} ms (best of "
+        f"{[round(1000 * t) for t in times]} ms) = {node_fps:.1f} FPS"
+    )
+    print(f"engine: {rate.ms_per_frame:.2f} ms/frame = {rate.fps:.1f} FPS")
+    print(f"node / engine: {100 * node_fps / rate.fps:.0f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
