@@ -44,12 +44,18 @@ def xformers_attention(
     return out.reshape(batch, -1, inner).to(query.dtype)
 
 
-def pick_attention_kernel(device: torch.device, dtype: torch.dtype) -> tuple[str, AttentionKernel]:
+def pick_attention_kernel(
+    device: torch.device, dtype: torch.dtype, compiled: bool = False
+) -> tuple[str, AttentionKernel]:
     """xformers when installed and working on this device, PyTorch SDPA otherwise.
 
     xformers is tried on a tiny input first: a build that imports but lacks kernels for this
-    GPU or dtype would otherwise fail in the middle of the first frame.
+    GPU or dtype would otherwise fail in the middle of the first frame. A UNet that will be
+    compiled always gets SDPA: torch.compile traces it into the graph (and picks cuDNN's
+    attention on Hopper), where an xformers call would split the graph at every layer.
     """
+    if compiled:
+        return "sdpa", sdpa_attention
     try:
         import xformers.ops  # noqa: F401
     except ImportError:

@@ -226,7 +226,9 @@ class StreamV2V:
         self._rows = {"full": 2 * self.steps, "initialize": self.steps + 1}.get(
             c.cfg_type, self.steps
         )
-        self.attention_backend, kernel = pick_attention_kernel(self.device, self.dtype)
+        self.attention_backend, kernel = pick_attention_kernel(
+            self.device, self.dtype, compiled=self.accel == "compile"
+        )
         self._processors = bank_processors(list(unet.attn_processors.keys()), bank, kernel)
         self._owner = object()
 

@@ -275,6 +275,7 @@ def test_attention_kernel_prefers_working_xformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers.ops", ops)
     name, kernel = pick_attention_kernel(torch.device("cpu"), torch.float32)
     assert name == "xformers"
+    assert pick_attention_kernel(torch.device("cpu"), torch.float32, compiled=True)[0] == "sdpa"
     q, k, v = (torch.randn(2, 5, 8, dtype=torch.float64) for _ in range(3))
     torch.testing.assert_close(kernel(q, k, v, 2), softmax_attention(q, k, v, 2))
 
