@@ -40,12 +40,6 @@ def stand_in_comfyui(device: str) -> None:
         def update_absolute(self, value, total=None, preview=None) -> None:
             self.updates += 1
 
-    class Routes:
-        def get(self, path):
-            return lambda handler: handler
-
-        post = get
-
     comfy = types.ModuleType("comfy")
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = ProgressBar
@@ -54,21 +48,29 @@ def stand_in_comfyui(device: str) -> None:
     management.throw_exception_if_processing_interrupted = lambda: None
     management.unload_all_models = lambda: None
     comfy.utils, comfy.model_management = utils, management
-    server = types.ModuleType("server")
-    server.PromptServer = types.SimpleNamespace(
-        instance=types.SimpleNamespace(
-            routes=Routes(), send_progress_text=lambda text, node: print(f"node says: {text}")
-        )
-    )
     sys.modules.update(
         {
             "folder_paths": folder_paths,
             "comfy": comfy,
             "comfy.utils": utils,
             "comfy.model_management": management,
-            "server": server,
         }
     )
+
+
+def stand_in_server() -> None:
+    """ComfyUI's server, for the text a node shows while it runs ("compiling ...").
+
+    Installed after the pack is imported: at import, a ``server`` module means a running
+    ComfyUI, and the pack would add its HTTP routes to it.
+    """
+    server = types.ModuleType("server")
+    server.PromptServer = types.SimpleNamespace(
+        instance=types.SimpleNamespace(
+            send_progress_text=lambda text, node: print(f"node says: {text}")
+        )
+    )
+    sys.modules["server"] = server
 
 
 def load_pack() -> types.ModuleType:
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stand_in_comfyui(args.device)
     pack = load_pack()
+    stand_in_server()
     engine = sys.modules[f"{PACK}.streamv2v"]
     bench = importlib.import_module(f"{PACK}.streamv2v.bench")
     loading = importlib.import_module(f"{PACK}.streamv2v.loading")
