@@ -60,8 +60,9 @@ def on_device(model, accel):
         StreamConfig(),
         StreamConfig(steps=1, strength=0.5),
         StreamConfig(cfg_type="self", guidance=1.4),
+        StreamConfig(cfg_type="full", guidance=1.4, t_index_list=(20, 40)),
     ],
-    ids=["4-steps", "1-step", "cfg-self"],
+    ids=["4-steps", "1-step", "cfg-self", "cfg-full-2-steps"],
 )
 def test_fast_path_equals_plain_path(tiny_model, tiny_model_taesd, bank, config, accel):
     frames = video(14)
@@ -94,6 +95,19 @@ def test_fast_path_survives_rollback_reset_and_prompt_change(tiny_model, tiny_mo
         got, stream = drive(accel)
         assert stream.bank.static
         assert_frames_close(got, want, accel)
+
+
+def test_a_saved_fast_stream_continues_exactly(tiny_model_taesd, tmp_path):
+    frames = video(14)
+    a = StreamV2V(tiny_model_taesd, StreamConfig(), BANKS["dyme"], prompt="ink", accel="static")
+    for frame in frames[:7]:
+        a.push(frame)
+    assert a.bank.static
+    a.save(tmp_path / "stream.safetensors")
+    b = StreamV2V(tiny_model_taesd, StreamConfig(), BANKS["dyme"], prompt="ink", accel="static")
+    b.load(tmp_path / "stream.safetensors")
+    for x, y in zip(list(a.process(frames[7:])), list(b.process(frames[7:]))):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
 
 
 def test_accel_falls_back_with_a_message():
