@@ -205,10 +205,14 @@ class StaticStep:
         the graph must start from the stream's true state.
         """
         s, bank = self.stream, self.stream.bank
-        if self.mode == "compile" and not s.model.accelerated.get(("compiled", self.input.shape)):
+        # What torch.compile specialises on: frame size, stream batch rows, bank, update or not.
+        variant = ("compiled", self.input.shape, s._embeds.shape, bank.config.kind, updating)
+        if self.mode == "compile" and variant not in s.model.accelerated:
+            part = " (frames that update the bank)" if updating else ""
             s.status(
-                f"compiling the model for {s.output_size[0]}x{s.output_size[1]} frames (about a "
-                "minute the first time; cached on disk for later runs)"
+                f"compiling the model for {s.output_size[0]}x{s.output_size[1]} frames at "
+                f"{s.steps} steps{part}: about a minute the first time, cached on disk for "
+                "later runs"
             )
         saved = {name: t.clone() for name, t in self.state.items()}, bank.snapshot()
         side = torch.cuda.Stream(device=self.input.device)
@@ -221,7 +225,7 @@ class StaticStep:
         for name, t in tensors.items():
             self.state[name].copy_(t)
         bank.restore(bank_state)
-        s.model.accelerated[("compiled", self.input.shape)] = True
+        s.model.accelerated[variant] = True
 
         graph = torch.cuda.CUDAGraph()
         if bank.generator is not None and bank.generator.device.type == "cuda":

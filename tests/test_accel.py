@@ -133,8 +133,10 @@ def test_compiling_is_announced(tiny_model_taesd):
     said = []
     stream = StreamV2V(model, StreamConfig(), BANKS["dyme"], accel="compile", on_status=said.append)
     list(stream.process(video(8)))
-    assert len(said) == 1 and "compiling" in said[0]
+    assert len(said) == 2  # one graph for frames that only read the bank, one that update it
+    assert all(text.startswith("compiling the model for 32x24 frames at 4 steps") for text in said)
+    assert "update the bank" in said[1]
     said.clear()
     again = StreamV2V(model, StreamConfig(), BANKS["dyme"], accel="compile", on_status=said.append)
     list(again.process(video(8)))
-    assert said == []  # compiled once per model and size
+    assert said == []  # compiled once per model, size, steps and bank
