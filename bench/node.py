@@ -83,6 +83,18 @@ def load_pack() -> types.ModuleType:
     return pack
 
 
+def node_defaults(node: type) -> dict[str, object]:
+    """Each widget at the value a new node shows (its default, or a list's first choice)."""
+    values = {}
+    for name, spec in node.INPUT_TYPES()["required"].items():
+        kind, options = spec[0], spec[1] if len(spec) > 1 else {}
+        if "default" in options:
+            values[name] = options["default"]
+        elif isinstance(kind, list):
+            values[name] = kind[0]
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/node.py", description=__doc__)
     parser.add_argument("--model", help="a model to use (default: random SD1.5 + TAESD)")
@@ -118,21 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         state.MODELS.adopt(spec, model)
         node = pack.NODE_CLASS_MAPPINGS["StreamV2VSampler"]()
         handle = nodes_bank.BankHandle("bench", "dyme", 1, 4, "continue stream")
-        widgets = dict(
-            prompt="a watercolor painting",
-            negative_prompt="",
-            steps=args.steps,
-            strength=0.4,
-            seed=2,
-            cfg_type="none",
-            guidance=1.0,
-            delta=1.0,
-            similar_filter=0.0,
-            max_skip=10,
-            width=0,
-            height=0,
-            acceleration=args.accel,
-            unique_id="1",
+        widgets = node_defaults(type(node))
+        widgets.update(
+            prompt="a watercolor painting", steps=args.steps, acceleration=args.accel, unique_id="1"
         )
         g = torch.Generator().manual_seed(0)
 

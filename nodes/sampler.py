@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..streamv2v.modes import USER_ACCEL_MODES
+from ..streamv2v.modes import DEFAULT_ACCEL, USER_ACCEL_MODES
 from ..streamv2v.session import PatchedModel
 from ..streamv2v.stream import CFG_TYPES, StreamConfig
 from . import comfy
@@ -151,7 +151,7 @@ class StreamV2VSampler:
                 "acceleration": (
                     list(USER_ACCEL_MODES),
                     {
-                        "default": "compile",
+                        "default": DEFAULT_ACCEL,
                         "tooltip": "compile: torch.compile + CUDA graphs, fastest (the first run "
                         "at a new size compiles for about a minute, cached on disk). graphs: CUDA "
                         "graphs only, starts in seconds. off: plain PyTorch. Without an NVIDIA "
@@ -183,7 +183,7 @@ class StreamV2VSampler:
         max_skip,
         width,
         height,
-        acceleration="compile",
+        acceleration=DEFAULT_ACCEL,
         unique_id=None,
     ):
         config = StreamConfig(

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from .cli import add_denoising_arguments, add_model_arguments, run_command
 from .errors import StreamV2VError
+from .modes import DEFAULT_ACCEL
 
 if TYPE_CHECKING:
     import numpy as np
@@ -234,7 +235,7 @@ def measure(
     frames: list[np.ndarray],
     pairs: list[Correspondence],
     warmup: int,
-    accel: str = "compile",
+    accel: str = DEFAULT_ACCEL,
 ) -> Row:
     """Run one bank configuration over ``frames`` and measure it; out of memory is a result."""
     import torch

@@ -105,8 +105,6 @@ class StaticStep:
     """
 
     def __init__(self, stream: StreamV2V, mode: str) -> None:
-        if mode not in ("compile", "graphs", "static"):
-            raise ValueError(f"StaticStep runs compile, graphs or static, not {mode!r}")
         self.stream = stream
         self.mode = mode
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
@@ -138,7 +136,9 @@ class StaticStep:
     def ready(self) -> bool:
         """Whether the stream is primed and its bank full, i.e. every shape is final."""
         s = self.stream
-        return s._init_noise is not None and s.bank.is_full(s.bank_layers)
+        # A static bank is full (it is made static only then); checking the layers is not
+        # needed every frame.
+        return s._init_noise is not None and (s.bank.static or s.bank.is_full(s.bank_layers))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         s, bank = self.stream, self.stream.bank

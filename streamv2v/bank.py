@@ -317,10 +317,10 @@ class FeatureBank:
             return
         self._replace_layers({name: e.copy(clone=True) for name, e in self.layers.items()})
         self.static = True
-        if self.config.kind == "dyme":
+        if self.config.kind == "dyme":  # a merge draws one number per token of bank + frame
             self._draws = {
-                name: torch.empty(k.shape[0], 2 * k.shape[1], 1, device=k.device)
-                for name, (k, _, _) in ((n, e.tensors()) for n, e in self.layers.items())
+                name: torch.empty(e.keys.shape[0], 2 * e.tokens(), 1, device=e.keys.device)
+                for name, e in self.layers.items()
             }
 
     def draw(self) -> None:
@@ -330,7 +330,7 @@ class FeatureBank:
         yields what the plain path draws layer by layer; drawing ahead keeps the random
         source out of the UNet, which can then be compiled as one graph.
         """
-        if self.static and self._updating:
+        if self._updating:  # only a static DyMe bank has draws
             for draws in self._draws.values():
                 torch.rand(draws.shape, generator=self.generator, device=draws.device, out=draws)
 
@@ -365,11 +365,6 @@ class FeatureBank:
             )
         return entries.tensors()
 
-    @property
-    def updating(self) -> bool:
-        """Whether the current UNet call is absorbed into the bank."""
-        return self._updating
-
     def record(
         self, layer: str, keys: torch.Tensor, values: torch.Tensor, outputs: torch.Tensor
     ) -> None:
@@ -397,7 +392,7 @@ class FeatureBank:
                 *(torch.cat([old, x], dim=1) for old, x in zip(entries.tensors(), new)),
                 self.generator,
                 self.config.merge_ratio,
-                self._draws.get(layer) if self.static else None,
+                self._draws.get(layer),
             )
         if self.static:
             for old, x in zip(entries.tensors(), merged):

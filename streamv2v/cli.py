@@ -15,7 +15,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from .errors import StreamV2VError
-from .modes import USER_ACCEL_MODES
+from .modes import DEFAULT_ACCEL, USER_ACCEL_MODES
 
 if TYPE_CHECKING:
     from .video import VideoReader, VideoWriter
@@ -86,7 +86,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--accel",
         choices=USER_ACCEL_MODES,
-        default="compile",
+        default=DEFAULT_ACCEL,
         help="on an NVIDIA GPU: compile (torch.compile + CUDA graphs, fastest; the first run at "
         "a size compiles for about a minute, cached on disk), graphs (CUDA graphs only, starts "
         "in seconds) or off (plain PyTorch); elsewhere plain PyTorch runs (default: compile)",

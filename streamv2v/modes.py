@@ -10,3 +10,5 @@ off:     the plain step
 ACCEL_MODES = ("compile", "graphs", "static", "off")
 # What a user picks from: "static" is the graphs' building block, not a speed-up of its own.
 USER_ACCEL_MODES = ("compile", "graphs", "off")
+# The default everywhere (engine, CLI, node): the fastest, falling back where it cannot run.
+DEFAULT_ACCEL = "compile"

@@ -18,6 +18,7 @@ import torch
 from .bank import BankConfig, FeatureBank
 from .errors import StreamV2VError
 from .loading import LoraSpec, StreamModel, default_dtype, load_model, resolve_device
+from .modes import DEFAULT_ACCEL
 from .stream import StreamConfig, StreamV2V
 
 EACH_RUN = ("continue stream", "start new stream")
@@ -178,7 +179,7 @@ class Session:
         frames: torch.Tensor | Sequence,
         each_run: str = "continue stream",
         on_frame: FrameCallback | None = None,
-        accel: str = "compile",
+        accel: str = DEFAULT_ACCEL,
         on_status: Callable[[str], None] | None = None,
     ) -> torch.Tensor:
         """Restyle ``frames`` (``[N, H, W, 3]``), continuing this session's stream.

@@ -34,6 +34,7 @@ from .attention import bank_processors, pick_attention_kernel
 from .bank import BankConfig, FeatureBank, read_bank_file, self_attention_layers
 from .errors import StreamV2VError
 from .frames import processing_size, resize, to_rgb
+from .modes import DEFAULT_ACCEL
 from .similar import SimilarFrameFilter
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ class StreamV2V:
         bank: FeatureBank | BankConfig | None = None,
         prompt: str = "",
         negative_prompt: str = "",
-        accel: str = "compile",
+        accel: str = DEFAULT_ACCEL,
         on_status: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
@@ -442,12 +443,10 @@ class StreamV2V:
         Images come back on the model's device; the fast path once every shape is final.
         """
         if self._fast is not None and self._fast.ready():
-            image = self._fast(x)
-            self._tags = [tag, *self._tags[:-1]]
-            done = self._tags[-1]
-            if done is None:
-                return []
-            image = image.clone()  # the fast path's image buffer is rewritten next frame
+            fast_image = self._fast(x)
+
+            def finish() -> torch.Tensor:  # the fast path rewrites its image next frame
+                return fast_image.clone()
         else:
             latent = self._encode(x)
             x_t = self._a[0] * latent + self._b[0] * self._init_noise[0]
@@ -457,11 +456,15 @@ class StreamV2V:
             finally:
                 self.bank.end_step()
             self._buffer, self._stock_noise = buffer, stock
-            self._tags = [tag, *self._tags[:-1]]
-            done = self._tags[-1]
-            if done is None:
-                return []
-            image = self._to_image(self._decode(finished))
+
+            def finish() -> torch.Tensor:  # decoded only for frames that are shown
+                return self._to_image(self._decode(finished))
+
+        self._tags = [tag, *self._tags[:-1]]
+        done = self._tags[-1]
+        if done is None:
+            return []
+        image = finish()
         self._last_output = image
         return [(done, image)] + [(i, image) for i in self._aliases.pop(done, [])]
 
@@ -610,7 +613,7 @@ class StreamV2V:
         bank_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("bank/")}
         self.bank.load_state_dict(bank_tensors, meta)
         self.bank.to(self.device, self.dtype)
-        self._check_bank_layers(self_attention_layers(self.pipe.unet.attn_processors.keys()))
+        self._check_bank_layers(self.bank_layers)
         self._reset_stream()
 
         def get(name: str) -> torch.Tensor:
