@@ -148,7 +148,7 @@ class Progress:
             from PIL import Image
 
             self.last = now
-            array = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            array = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
             preview = ("JPEG", Image.fromarray(array), 512)
         self.bar.update_absolute(done, total, preview)
 
