@@ -75,10 +75,15 @@ def _project(attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
         raise NotImplementedError("attention layers with spatial/group norm are not SD1.5 layers")
     query = attn.to_q(hidden_states)
     if context is None:
-        context = hidden_states
-    elif attn.norm_cross:
+        return query, attn.to_k(hidden_states), attn.to_v(hidden_states)
+    return (query, *project_context(attn, context))
+
+
+def project_context(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cross-attention layer's keys and values for ``context`` (the prompt embeddings)."""
+    if attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)
-    return query, attn.to_k(context), attn.to_v(context)
+    return attn.to_k(context), attn.to_v(context)
 
 
 def _finish(attn, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -158,6 +163,42 @@ class BankSelfAttnProcessor:
             fused = fuse(out, bank_o, self.strength, self.threshold)
         self.bank.record(self.layer, key, value, out)
         return fused
+
+
+class CachedCrossAttnProcessor:
+    """Cross-attention over keys and values projected from the prompt ahead of time.
+
+    The prompt is the same for every frame, so its keys and values are too: projecting it
+    again in every layer of every frame cost the fast path 32 small matrix products per frame.
+    ``cache`` maps this layer to its (keys, values); its owner refills it when the prompt
+    changes (``project_context``).
+    """
+
+    def __init__(
+        self,
+        kernel: AttentionKernel,
+        cache: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        layer: str,
+    ) -> None:
+        self.kernel = kernel
+        self.cache = cache
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if attention_mask is not None:
+            raise NotImplementedError("attention masks are not used by SD1.5 UNets")
+        key, value = self.cache[self.layer]
+        out = self.kernel(attn.to_q(hidden_states), key, value, attn.heads)
+        return _finish(attn, out, hidden_states)
 
 
 def bank_processors(

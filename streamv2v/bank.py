@@ -95,12 +95,18 @@ def dyme_merge(
 
     metric = keys / keys.norm(dim=-1, keepdim=True)
     src_m, dst_m = split(metric)
-    match = (src_m @ dst_m.transpose(-1, -2)).argmax(dim=-1, keepdim=True)
+    match = (src_m @ dst_m.transpose(-1, -2)).argmax(dim=-1)
 
-    # K, V and O side by side: one split and one scatter for all three.
-    src, dst = split(torch.cat([keys, values, outputs], dim=-1).float())
-    index = match.expand(rows, n_src, src.shape[-1])
-    merged = dst.scatter_reduce(1, index, src, reduce="mean", include_self=True).to(keys.dtype)
+    # K, V and O side by side: one split and one scatter for all three. The mean is a sum
+    # and a count (each dst token counts itself), the form torch.compile turns into one
+    # fused kernel; ``scatter_reduce(reduce="mean")`` would run as several library kernels.
+    src, dst = split(torch.cat([keys, values, outputs], dim=-1))
+    index = match.unsqueeze(-1).expand(rows, n_src, src.shape[-1])
+    sums = dst.float().scatter_add(1, index, src.float())
+    counts = torch.ones(rows, tokens - n_src, device=keys.device).scatter_add(
+        1, match, torch.ones(rows, n_src, device=keys.device)
+    )
+    merged = (sums / counts.unsqueeze(-1)).to(keys.dtype)
     k, v, o = merged.split([dim, values.shape[-1], outputs.shape[-1]], dim=-1)
     return k, v, o
 

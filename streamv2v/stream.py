@@ -227,10 +227,10 @@ class StreamV2V:
         self._rows = {"full": 2 * self.steps, "initialize": self.steps + 1}.get(
             c.cfg_type, self.steps
         )
-        self.attention_backend, kernel = pick_attention_kernel(
+        self.attention_backend, self._kernel = pick_attention_kernel(
             self.device, self.dtype, compiled=self.accel == "compile"
         )
-        self._processors = bank_processors(list(unet.attn_processors.keys()), bank, kernel)
+        self._processors = bank_processors(list(unet.attn_processors.keys()), bank, self._kernel)
         self._owner = object()
 
         self._setup_schedule()
@@ -383,14 +383,18 @@ class StreamV2V:
         vae = self.pipe.vae
         return vae.decode(latent / vae.config.scaling_factor, return_dict=False)[0]
 
-    def _install_processors(self) -> None:
+    def _install_processors(self, processors: dict[str, object], owner: object) -> None:
+        """Put ``processors`` on the shared UNet unless ``owner``'s are there already."""
         unet = self.pipe.unet
-        if getattr(unet, "_streamv2v_owner", None) is not self._owner:
-            unet.set_attn_processor(dict(self._processors))
-            unet._streamv2v_owner = self._owner
+        if getattr(unet, "_streamv2v_owner", None) is not owner:
+            unet.set_attn_processor(dict(processors))
+            unet._streamv2v_owner = owner
 
     def _denoise(
-        self, x_t: torch.Tensor, unet: Callable
+        self,
+        x_t: torch.Tensor,
+        unet: Callable,
+        processors: tuple[dict[str, object], object] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """One UNet call over the stream batch; returns (finished x0, next buffer, stock noise).
 
@@ -412,7 +416,7 @@ class StreamV2V:
         else:
             x_in, t_in = x, t
 
-        self._install_processors()
+        self._install_processors(*(processors or (self._processors, self._owner)))
         eps = unet(x_in, t_in, encoder_hidden_states=self._embeds, return_dict=False)[0]
 
         if c.cfg_type == "initialize":

@@ -5,8 +5,10 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from streamv2v.accel import resolve_accel
+from streamv2v.accel import resolve_accel, taesd_functions
+from streamv2v.attention import CachedCrossAttnProcessor
 from streamv2v.bank import BankConfig
 from streamv2v.errors import StreamV2VError
 from streamv2v.stream import StreamConfig, StreamV2V
@@ -71,6 +73,9 @@ def test_fast_path_equals_plain_path(tiny_model, tiny_model_taesd, bank, config,
         got, stream = run(model, accel, BANKS[bank], frames, config)
         assert stream.accel == accel and stream.accel_note is None
         assert stream.bank.static and stream._fast.image is not None  # the fast path took over
+        processors = model.pipe.unet.attn_processors.values()
+        cached = [p for p in processors if isinstance(p, CachedCrossAttnProcessor)]
+        assert len(cached) == len(stream._fast.context) > 0  # prompt projected once, ahead
         assert_frames_close(got, want, accel)
 
 
@@ -108,6 +113,34 @@ def test_a_saved_fast_stream_continues_exactly(tiny_model_taesd, tmp_path):
     b.load(tmp_path / "stream.safetensors")
     for x, y in zip(list(a.process(frames[7:])), list(b.process(frames[7:]))):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+def test_fused_taesd_computes_what_the_modules_do(tiny_model_taesd, monkeypatch):
+    """On a GPU, TAESD's convolutions run with their ReLU (and residual add) fused by cuDNN;
+    here those cuDNN ops are stood in for by their definitions, to check the plan around them
+    (which layers fuse, the scaling diffusers' forward does) against diffusers' own modules."""
+    fused = []
+
+    def conv_relu(x, w, b, *args):
+        fused.append("relu")
+        return F.relu(F.conv2d(x, w, b, *args))
+
+    def conv_add_relu(x, w, z, alpha, b, *args):
+        fused.append("add_relu")
+        return F.relu(F.conv2d(x, w, b, *args) + alpha * z)
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", conv_relu)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    vae = tiny_model_taesd.pipe.vae
+    encode, decode = taesd_functions(vae, fused=True)
+    x, z = torch.rand(1, 3, 48, 64) * 2 - 1, torch.randn(1, 4, 6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(encode(x), vae.encoder(x))
+        torch.testing.assert_close(decode(z), vae.decoder(z))
+    blocks = sum(type(m).__name__ == "AutoencoderTinyBlock" for m in vae.modules())
+    assert fused.count("add_relu") == blocks and fused.count("relu") == 2 * blocks + 1
+    assert taesd_functions(vae, fused=False) == (vae.encoder, vae.decoder)
 
 
 def test_accel_falls_back_with_a_message():
