@@ -347,6 +347,10 @@ class StreamV2V:
                 "resize all frames to one size, or start a new stream"
             )
         pw, ph = processing_size(*self.output_size)
+        if self.device.type == "cuda" and rgb.device.type == "cpu":
+            # From pageable memory the copy would wait for the GPU to finish every frame
+            # queued so far; from pinned memory it queues behind them and the host goes on.
+            rgb = rgb.pin_memory()
         x = rgb.to(self.device, non_blocking=True).permute(2, 0, 1).unsqueeze(0)
         x = resize(x, pw, ph)
         return (x * 2 - 1).to(self.dtype)
