@@ -138,15 +138,16 @@ def test_fused_taesd_computes_what_the_modules_do(tiny_model_taesd, monkeypatch)
     monkeypatch.setattr(torch, "cudnn_convolution_relu", conv_relu)
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu)
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
-    vae = tiny_model_taesd.pipe.vae
+    vae = copy.deepcopy(tiny_model_taesd.pipe.vae).half()  # fused in fp16 only
     encode, decode = taesd_functions(vae, fused=True)
-    x, z = torch.rand(1, 3, 48, 64) * 2 - 1, torch.randn(1, 4, 6, 8)
+    x, z = (torch.rand(1, 3, 48, 64) * 2 - 1).half(), torch.randn(1, 4, 6, 8).half()
     with torch.no_grad():
         torch.testing.assert_close(encode(x), vae.encoder(x))
         torch.testing.assert_close(decode(z), vae.decoder(z))
     blocks = sum(type(m).__name__ == "AutoencoderTinyBlock" for m in vae.modules())
     assert fused.count("add_relu") == blocks and fused.count("relu") == 2 * blocks + 1
     assert taesd_functions(vae, fused=False) == (vae.encoder, vae.decoder)
+    assert taesd_functions(vae.float(), fused=True) == (vae.encoder, vae.decoder)
 
 
 def test_accel_falls_back_with_a_message():
