@@ -8,6 +8,9 @@ measures a real model instead; the test suite uses that with a tiny model on the
 
 Each row starts a new stream; "first s" is the time from creating it to its first output
 frame, which includes compiling when the row is the first at its size and step count.
+``--profile N`` then shows where a row's time goes: torch.profiler's table of the kernels (or,
+on a CPU, the operations) of N more frames and, on the fast path, each CUDA graph's replay
+time (frames that update the bank against frames that only read it).
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class Result:
     fps: float
     peak_mib: float | None
     first_s: float
+    profile: str | None = None
 
 
 def measure(
@@ -88,6 +92,7 @@ def measure(
     size: int,
     frames: int,
     warmup: int,
+    profile: int = 0,
 ) -> Result:
     """Time ``frames`` pushes of ComfyUI-style frames (float32 CPU) after ``warmup`` pushes.
 
@@ -123,7 +128,40 @@ def measure(
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     ms = 1000 * elapsed / frames
-    return Result(stream.accel, bank, steps, size, ms, 1000 / ms, peak, first)
+    report = where_time_goes(stream, inputs, profile) if profile else None
+    return Result(stream.accel, bank, steps, size, ms, 1000 / ms, peak, first, report)
+
+
+def where_time_goes(stream: StreamV2V, inputs: list[torch.Tensor], frames: int) -> str:
+    """The profile behind a row: what the benchmark's figure alone cannot say."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = stream.device.type == "cuda"
+    lines = []
+    graphs = stream._fast.graphs if stream._fast is not None else {}
+    for updating, graph in sorted(graphs.items()):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(frames):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        kind = "frames that update the bank" if updating else "frames that only read it"
+        lines.append(f"graph replay, {kind}: {start.elapsed_time(end) / frames:.2f} ms")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(frames):
+            stream.push(inputs[i % len(inputs)], to_cpu=False)
+        if cuda:
+            torch.cuda.synchronize(stream.device)
+    lines.append(
+        prof.key_averages().table(
+            sort_by="cuda_time_total" if cuda else "self_cpu_time_total",
+            row_limit=25,
+            max_name_column_width=80,
+        )
+    )
+    return "\n".join(lines)
 
 
 def describe_device(device: torch.device) -> str:
@@ -146,6 +184,9 @@ def table(results: list[Result], device: str, model: str, dtype: torch.dtype) ->
             f"{r.accel:<8} {r.bank:<6} {r.steps:>5} {r.size:>6} {r.ms_per_frame:9.2f} "
             f"{r.fps:8.1f} {peak} {r.first_s:8.1f}"
         )
+    for r in results:
+        if r.profile:
+            lines += ["", f"profile: {r.accel} {r.bank} {r.steps} steps {r.size}", r.profile]
     return "\n".join(lines)
 
 
@@ -174,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--frames", type=int, default=100, help="timed frames per row")
     parser.add_argument("--warmup", type=int, default=10, help="untimed frames per row")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after each row, profile N more frames and print where the time goes",
+    )
     args = parser.parse_args(argv)
     try:
         banks = [b.strip() for b in args.banks.split(",") if b.strip()]
@@ -184,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         for accel in accels:
             if accel not in ACCEL_MODES:
                 raise StreamV2VError(f"--accel: {accel!r} is not one of {', '.join(ACCEL_MODES)}")
-        if args.frames < 1 or args.warmup < 0:
-            raise StreamV2VError("--frames must be >= 1 and --warmup >= 0")
+        if args.frames < 1 or args.warmup < 0 or args.profile < 0:
+            raise StreamV2VError("--frames must be >= 1, --warmup and --profile >= 0")
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype or default_dtype(device))
         if args.model:
@@ -196,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             with quiet_libraries():
                 model = random_sd15(device, dtype)
         results = [
-            measure(model, accel, bank, steps, size, args.frames, args.warmup)
+            measure(model, accel, bank, steps, size, args.frames, args.warmup, args.profile)
             for size in args.sizes
             for steps in args.steps
             for bank in banks

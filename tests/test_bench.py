@@ -24,11 +24,22 @@ def test_bench_reports_every_configuration(tiny_diffusers_dir, tiny_taesd_dir, c
         assert float(ms) > 0 and abs(float(fps) - 1000 / float(ms)) < 0.2 and float(first) >= 0
 
 
+def test_bench_profiles_where_the_time_goes(tiny_diffusers_dir, tiny_taesd_dir, capsys):
+    argv = ["--model", str(tiny_diffusers_dir), "--vae", str(tiny_taesd_dir), "--device", "cpu"]
+    argv += ["--sizes", "32", "--steps", "2", "--banks", "dyme", "--accel", "off"]
+    assert main([*argv, "--frames", "1", "--warmup", "1", "--profile", "2"]) == 0
+    out = capsys.readouterr().out
+    profile = out[out.index("profile: off dyme 2 steps 32") :]
+    assert "Self CPU" in profile and "aten::" in profile  # torch.profiler's table of this row
+
+
 def test_bench_rejects_bad_arguments(capsys):
     assert main(["--banks", "fifo", "--device", "cpu"]) == 1
     assert "fifo" in capsys.readouterr().err
     assert main(["--accel", "turbo", "--device", "cpu"]) == 1
     assert "turbo" in capsys.readouterr().err
+    assert main(["--profile", "-1", "--device", "cpu"]) == 1
+    assert "--profile" in capsys.readouterr().err
     assert main(["--vae", "x", "--device", "cpu"]) == 1
     assert "--vae only acts with --model" in capsys.readouterr().err
 
