@@ -148,7 +148,7 @@ class StaticStep:
             if getattr(unet.get_submodule(layer), "is_cross_attention", False):
                 processors[name] = CachedCrossAttnProcessor(stream._kernel, self.context, layer)
                 self._cross_layers.append(layer)
-        self.processors = processors, object()
+        self.processors = processors
 
     def ready(self) -> bool:
         """Whether the stream is primed and its bank full, i.e. every shape is final."""

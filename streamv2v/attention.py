@@ -111,9 +111,12 @@ class PlainAttnProcessor:
     ) -> torch.Tensor:
         if attention_mask is not None:
             raise NotImplementedError("attention masks are not used by SD1.5 UNets")
-        query, key, value = _project(attn, hidden_states, encoder_hidden_states)
+        query, key, value = self.project(attn, hidden_states, encoder_hidden_states)
         out = self.kernel(query, key, value, attn.heads)
         return _finish(attn, out, hidden_states)
+
+    def project(self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
+        return _project(attn, hidden_states, context)
 
 
 class BankSelfAttnProcessor:
@@ -165,7 +168,7 @@ class BankSelfAttnProcessor:
         return fused
 
 
-class CachedCrossAttnProcessor:
+class CachedCrossAttnProcessor(PlainAttnProcessor):
     """Cross-attention over keys and values projected from the prompt ahead of time.
 
     The prompt is the same for every frame, so its keys and values are too: projecting it
@@ -180,25 +183,12 @@ class CachedCrossAttnProcessor:
         cache: dict[str, tuple[torch.Tensor, torch.Tensor]],
         layer: str,
     ) -> None:
-        self.kernel = kernel
+        super().__init__(kernel)
         self.cache = cache
         self.layer = layer
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args,
-        **kwargs,
-    ) -> torch.Tensor:
-        if attention_mask is not None:
-            raise NotImplementedError("attention masks are not used by SD1.5 UNets")
-        key, value = self.cache[self.layer]
-        out = self.kernel(attn.to_q(hidden_states), key, value, attn.heads)
-        return _finish(attn, out, hidden_states)
+    def project(self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
+        return (attn.to_q(hidden_states), *self.cache[self.layer])
 
 
 def bank_processors(

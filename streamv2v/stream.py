@@ -231,7 +231,6 @@ class StreamV2V:
             self.device, self.dtype, compiled=self.accel == "compile"
         )
         self._processors = bank_processors(list(unet.attn_processors.keys()), bank, self._kernel)
-        self._owner = object()
 
         self._setup_schedule()
         self.generator = torch.Generator().manual_seed(c.seed)
@@ -387,18 +386,19 @@ class StreamV2V:
         vae = self.pipe.vae
         return vae.decode(latent / vae.config.scaling_factor, return_dict=False)[0]
 
-    def _install_processors(self, processors: dict[str, object], owner: object) -> None:
-        """Put ``processors`` on the shared UNet unless ``owner``'s are there already."""
+    def _install_processors(self, processors: dict[str, object]) -> None:
+        """Put ``processors`` (this stream's map, or its fast path's) on the shared UNet,
+        unless that very map is there already."""
         unet = self.pipe.unet
-        if getattr(unet, "_streamv2v_owner", None) is not owner:
+        if getattr(unet, "_streamv2v_processors", None) is not processors:
             unet.set_attn_processor(dict(processors))
-            unet._streamv2v_owner = owner
+            unet._streamv2v_processors = processors
 
     def _denoise(
         self,
         x_t: torch.Tensor,
         unet: Callable,
-        processors: tuple[dict[str, object], object] | None = None,
+        processors: dict[str, object] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """One UNet call over the stream batch; returns (finished x0, next buffer, stock noise).
 
@@ -420,7 +420,7 @@ class StreamV2V:
         else:
             x_in, t_in = x, t
 
-        self._install_processors(*(processors or (self._processors, self._owner)))
+        self._install_processors(processors or self._processors)
         eps = unet(x_in, t_in, encoder_hidden_states=self._embeds, return_dict=False)[0]
 
         if c.cfg_type == "initialize":
