@@ -51,6 +51,17 @@ UI_ONLY_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 MODE_MUTED, MODE_BYPASSED = 2, 4
 
 
+def comfyui_from_env() -> tuple[str, str]:
+    """``COMFYUI_PATH`` and ``COMFYUI_PYTHON`` (default: this interpreter); skips the calling
+    test module when no ComfyUI checkout is named."""
+    import pytest
+
+    path = os.environ.get("COMFYUI_PATH", "")
+    if not path:
+        pytest.skip("COMFYUI_PATH is not set", allow_module_level=True)
+    return path, os.environ.get("COMFYUI_PYTHON") or sys.executable
+
+
 def place_tiny_models(root: Path, diffusers_dir: Path, lcm_lora: Path, taesd_dir: Path) -> Path:
     """ComfyUI model folders under ``root`` holding the tests' tiny models: the diffusers
     model as ``diffusers/tiny-sd15``, the stand-in LCM-LoRA as ``loras/lcm-lora-tiny.safetensors``

@@ -135,3 +135,17 @@ def tiny_model(_tiny_model_shared):
 def tiny_model_taesd(_tiny_model_taesd_shared):
     """A loaded ``StreamModel`` (fp32, CPU, TAESD from vae_approx files), private to the test."""
     return copy.deepcopy(_tiny_model_taesd_shared)
+
+
+@pytest.fixture(scope="session")
+def comfy_models_dir(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_diffusers_dir: Path,
+    tiny_lcm_lora: Path,
+    tiny_taesd_dir: Path,
+) -> Path:
+    """ComfyUI model folders holding the tiny models, for the tests against a real ComfyUI."""
+    from comfy_server import place_tiny_models
+
+    root = tmp_path_factory.mktemp("comfy_models")
+    return place_tiny_models(root, tiny_diffusers_dir, tiny_lcm_lora, tiny_taesd_dir)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,22 +26,19 @@ import pytest
 
 pytestmark = pytest.mark.comfyui
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
-if not COMFYUI_PATH:
-    pytest.skip("COMFYUI_PATH is not set", allow_module_level=True)
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
+from comfy_server import (  # noqa: E402
+    PACK_FOLDER,
+    ComfyServer,
+    comfyui_from_env,
+    extra_widget_values,
+    widget_inputs,
+)
+
+COMFYUI_PATH, COMFYUI_PYTHON = comfyui_from_env()
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(f"no Chromium at {CHROMIUM} (set CHROMIUM)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
-
-from comfy_server import (  # noqa: E402
-    PACK_FOLDER,
-    ComfyServer,
-    extra_widget_values,
-    place_tiny_models,
-    widget_inputs,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSION = f"/extensions/{PACK_FOLDER}/streamv2v.js"
@@ -93,18 +89,7 @@ HELPERS = """([STATUS, RUN_TIMEOUT_MS]) => {
 
 
 @pytest.fixture(scope="module")
-def models_dir(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_diffusers_dir: Path,
-    tiny_lcm_lora: Path,
-    tiny_taesd_dir: Path,
-) -> Path:
-    root = tmp_path_factory.mktemp("browser_models")
-    return place_tiny_models(root, tiny_diffusers_dir, tiny_lcm_lora, tiny_taesd_dir)
-
-
-@pytest.fixture(scope="module")
-def server(models_dir: Path) -> Iterator[ComfyServer]:
+def server(comfy_models_dir: Path) -> Iterator[ComfyServer]:
     check = subprocess.run(
         [COMFYUI_PYTHON, "-c", "import torch, aiohttp, comfyui_frontend_package"],
         capture_output=True,
@@ -113,7 +98,7 @@ def server(models_dir: Path) -> Iterator[ComfyServer]:
     if check.returncode != 0:
         pytest.skip(f"{COMFYUI_PYTHON} cannot run ComfyUI and its frontend: {check.stderr[-300:]}")
     srv = ComfyServer(
-        COMFYUI_PATH, {PACK_FOLDER: ROOT}, python=COMFYUI_PYTHON, models_dir=models_dir
+        COMFYUI_PATH, {PACK_FOLDER: ROOT}, python=COMFYUI_PYTHON, models_dir=comfy_models_dir
     )
     srv.start()
     try:

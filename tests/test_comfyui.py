@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,24 +23,22 @@ import pytest
 
 pytestmark = pytest.mark.comfyui
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
-if not COMFYUI_PATH:
-    pytest.skip("COMFYUI_PATH is not set", allow_module_level=True)
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
 
 from comfy_server import (  # noqa: E402
     PACK_FOLDER,
     ComfyServer,
     RunResult,
+    comfyui_from_env,
     import_failures,
     input_spec,
     nodes_of_type,
-    place_tiny_models,
     set_inputs,
     ui_to_api,
 )
 from PIL import Image  # noqa: E402
 from videos import frame_pattern, make_video, probe  # noqa: E402
+
+COMFYUI_PATH, COMFYUI_PYTHON = comfyui_from_env()
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = ROOT / "example_workflows"
@@ -153,18 +149,6 @@ def comfyui_missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def models_dir(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_diffusers_dir: Path,
-    tiny_lcm_lora: Path,
-    tiny_taesd_dir: Path,
-) -> Path:
-    """ComfyUI model folders holding the tiny models, under the names in ``TINY``."""
-    root = tmp_path_factory.mktemp("comfy_models")
-    return place_tiny_models(root, tiny_diffusers_dir, tiny_lcm_lora, tiny_taesd_dir)
-
-
-@pytest.fixture(scope="module")
 def comfyui_python() -> str:
     """COMFYUI_PYTHON, once it is known to run ComfyUI (checked before building models)."""
     reason = comfyui_missing()
@@ -174,9 +158,9 @@ def comfyui_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(comfyui_python: str, models_dir: Path):
+def server(comfyui_python: str, comfy_models_dir: Path):
     srv = ComfyServer(
-        COMFYUI_PATH, {PACK_FOLDER: ROOT}, python=comfyui_python, models_dir=models_dir
+        COMFYUI_PATH, {PACK_FOLDER: ROOT}, python=comfyui_python, models_dir=comfy_models_dir
     )
     srv.start()
     try:
