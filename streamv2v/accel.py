@@ -16,8 +16,9 @@ so the step can run on fixed buffers instead (``StaticStep``):
   TAESD are compiled by ``torch.compile`` (Inductor's fused kernels) before capture. Compiled
   kernels are cached on disk by Inductor, so a restart pays only the tracing;
 - what is the same for every frame is computed once: the prompt's cross-attention keys and
-  values (refilled in place when the prompt changes). TAESD runs with cuDNN's fused
-  convolution + ReLU.
+  values (refilled in place when the prompt changes) and every ResNet's time embedding (the
+  timesteps are fixed). On the GPU, self-attention's q, k, v come from one matrix product and
+  TAESD runs with cuDNN's fused convolution + ReLU.
 
 Priming and the frames before the bank is full run the plain step, which is also the
 reference: the fast path's output equals it within fp16 rounding (tested).
@@ -31,7 +32,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .attention import CachedCrossAttnProcessor, project_context
+from .attention import (
+    CachedCrossAttnProcessor,
+    FusedProjection,
+    bank_processors,
+    project_context,
+)
+from .bank import self_attention_layers
 from .errors import StreamV2VError
 from .modes import ACCEL_MODES
 
@@ -138,16 +145,23 @@ class StaticStep:
             self._decode = stream._decode
         self.input: torch.Tensor | None = None  # frame (TAESD) or latent (KL VAE)
         self.image: torch.Tensor | None = None
+        self.time_embeddings: dict[str, torch.Tensor] | None = None
         # Cross-attention keys/values of the prompt, projected once per prompt (see
         # CachedCrossAttnProcessor); the step installs its own processors for that.
         self.context: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._cross_layers: list[str] = []
-        processors = dict(stream._processors)
-        for name in processors:
-            layer = name.removesuffix(".processor")
-            if getattr(unet.get_submodule(layer), "is_cross_attention", False):
-                processors[name] = CachedCrossAttnProcessor(stream._kernel, self.context, layer)
-                self._cross_layers.append(layer)
+        names = list(stream._processors)
+        projections = fused_projections(model) if mode != "static" else None
+        processors = bank_processors(names, stream.bank, stream._kernel, projections)
+        layers = [name.removesuffix(".processor") for name in names]
+        self._cross_layers = [
+            layer
+            for layer in layers
+            if getattr(unet.get_submodule(layer), "is_cross_attention", False)
+        ]
+        for layer in self._cross_layers:
+            processors[f"{layer}.processor"] = CachedCrossAttnProcessor(
+                stream._kernel, self.context, layer
+            )
         self.processors = processors
 
     def ready(self) -> bool:
@@ -164,6 +178,7 @@ class StaticStep:
         bank.make_static()
         if "_embeds" in self._adopt_state() or not self.context:
             self._project_context()
+
         source = x if self.encode_inside else s._encode(x)
         self.input.copy_(source)
         if self.mode != "static" and bank.generation != self.generation:
@@ -187,6 +202,7 @@ class StaticStep:
         self.input = torch.empty_like(x if self.encode_inside else s._init_noise[0:1])
         width, height = s.output_size
         self.image = torch.empty(height, width, 3, device=x.device, dtype=torch.float32)
+        self.time_embeddings = time_embeddings(s.pipe.unet, s.unet_timesteps())
         self.state = {
             name: torch.empty_like(getattr(s, name))
             for name in STATE_FIELDS
@@ -224,7 +240,7 @@ class StaticStep:
         s.bank.draw()
         latent = self._encode(self.input) if self.encode_inside else self.input
         x_t = s._a[0] * latent + s._b[0] * s._init_noise[0]
-        finished, buffer, stock = s._denoise(x_t, self.unet, self.processors)
+        finished, buffer, stock = s._denoise(x_t, self.unet, self.processors, self.time_embeddings)
         if buffer is not None:
             s._buffer.copy_(buffer)
         s._stock_noise.copy_(stock)
@@ -268,6 +284,80 @@ class StaticStep:
             self._body()
         self.graphs[updating] = graph
         return graph
+
+
+def fused_projections(model: StreamModel) -> dict[str, FusedProjection]:
+    """Every self-attention layer's joined q/k/v weights, made once per model."""
+    if "qkv" not in model.accelerated:
+        unet = model.pipe.unet
+        layers = self_attention_layers(unet.attn_processors.keys())
+        model.accelerated["qkv"] = {
+            layer: FusedProjection(unet.get_submodule(layer)) for layer in layers
+        }
+    return model.accelerated["qkv"]
+
+
+# --------------------------------------------------------------------------------------------
+# Time embeddings, computed once per stream
+# --------------------------------------------------------------------------------------------
+
+
+def time_embeddings(
+    unet: torch.nn.Module, timesteps: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
+    """Every ResNet's projected time embedding for ``timesteps`` (one per UNet batch row).
+
+    A stream's timesteps never change, so neither do these: the UNet would redo 24 small
+    matrix products for them every frame. Computed as ``UNet2DConditionModel.forward`` and
+    ``ResnetBlock2D.forward`` do (tested equal); None for a UNet whose embedding also depends
+    on other inputs (class labels, added conditions), which keeps computing its own.
+    """
+    config = unet.config
+    if getattr(unet, "class_embedding", None) is not None or config.addition_embed_type:
+        return None
+    from diffusers.models.resnet import ResnetBlock2D
+
+    # get_time_embed reads its sample only for the batch size and dtype.
+    rows = torch.empty(len(timesteps), 0, device=timesteps.device, dtype=unet.dtype)
+    emb = unet.time_embedding(unet.get_time_embed(sample=rows, timestep=timesteps), None)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    cache = {}
+    for name, block in unet.named_modules():
+        if isinstance(block, ResnetBlock2D) and block.time_emb_proj is not None:
+            temb = emb if block.skip_time_act else block.nonlinearity(emb)
+            cache[name] = block.time_emb_proj(temb)
+    return cache
+
+
+class _TimeEmbeddingSlot:
+    """Which precomputed time embeddings the UNet's next call uses (None: its own)."""
+
+    current: dict[str, torch.Tensor] | None = None
+
+
+def use_time_embeddings(unet: torch.nn.Module, cache: dict[str, torch.Tensor] | None) -> None:
+    """Make the UNet's ResNets take their time embeddings from ``cache`` (None: compute them).
+
+    A forward hook on each ``time_emb_proj`` swaps in the cached tensor; torch.compile then
+    drops the UNet's own time-embedding products as unused. The hooks are added once per UNet
+    and read the slot, so a plain step (cache None) runs the UNet as it is.
+    """
+    slot = unet.__dict__.get("_streamv2v_time_slot")
+    if slot is None:
+        if cache is None:
+            return
+        from diffusers.models.resnet import ResnetBlock2D
+
+        slot = unet._streamv2v_time_slot = _TimeEmbeddingSlot()
+        for name, block in unet.named_modules():
+            if isinstance(block, ResnetBlock2D) and block.time_emb_proj is not None:
+
+                def swap(module, args, output, name=name):
+                    return output if slot.current is None else slot.current[name]
+
+                block.time_emb_proj.register_forward_hook(swap)
+    slot.current = cache
 
 
 def _cudnn_tuned():

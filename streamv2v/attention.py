@@ -93,11 +93,34 @@ def _finish(attn, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.
     return hidden_states / attn.rescale_output_factor
 
 
+class FusedProjection:
+    """A self-attention layer's q, k and v from one matrix product of the joined weights.
+
+    Three narrow products cost three launches and three reads of the input; one product three
+    times as wide costs one of each. The fast path uses it on the GPU: the sums are equal to
+    three products only within rounding, so the bit-exact reference keeps three.
+    """
+
+    def __init__(self, attn) -> None:
+        linears = (attn.to_q, attn.to_k, attn.to_v)
+        with torch.no_grad():
+            self.weight = torch.cat([x.weight for x in linears])
+            self.bias = None
+            if any(x.bias is not None for x in linears):
+                zero = [x.weight.new_zeros(x.out_features) for x in linears]
+                biases = [z if x.bias is None else x.bias for x, z in zip(linears, zero)]
+                self.bias = torch.cat(biases)
+
+    def __call__(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(hidden_states, self.weight, self.bias).chunk(3, dim=-1)
+
+
 class PlainAttnProcessor:
     """Ordinary attention (cross-attention, and every layer when there is no bank)."""
 
-    def __init__(self, kernel: AttentionKernel) -> None:
+    def __init__(self, kernel: AttentionKernel, qkv: FusedProjection | None = None) -> None:
         self.kernel = kernel
+        self.qkv = qkv
 
     def __call__(
         self,
@@ -116,6 +139,8 @@ class PlainAttnProcessor:
         return _finish(attn, out, hidden_states)
 
     def project(self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
+        if context is None and self.qkv is not None:
+            return self.qkv(hidden_states)
         return _project(attn, hidden_states, context)
 
 
@@ -132,10 +157,12 @@ class BankSelfAttnProcessor:
         bank: FeatureBank,
         layer: str,
         kernel: AttentionKernel,
+        qkv: FusedProjection | None = None,
     ) -> None:
         self.bank = bank
         self.layer = layer
         self.kernel = kernel
+        self.qkv = qkv
         config = bank.config
         self.extended = config.extended_attention
         self.fusing = config.fuses(layer)
@@ -154,7 +181,10 @@ class BankSelfAttnProcessor:
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise NotImplementedError(f"{self.layer} is not a plain self-attention layer")
-        query, key, value = _project(attn, hidden_states, None)
+        if self.qkv is not None:
+            query, key, value = self.qkv(hidden_states)
+        else:
+            query, key, value = _project(attn, hidden_states, None)
         bank_k, bank_v, bank_o = self.bank.read(self.layer, key)
         if self.extended:
             out = self.kernel(query, extend(key, bank_k), extend(value, bank_v), attn.heads)
@@ -192,16 +222,27 @@ class CachedCrossAttnProcessor(PlainAttnProcessor):
 
 
 def bank_processors(
-    processor_names: list[str], bank: FeatureBank | None, kernel: AttentionKernel
+    processor_names: list[str],
+    bank: FeatureBank | None,
+    kernel: AttentionKernel,
+    projections: dict[str, FusedProjection] | None = None,
 ) -> dict[str, object]:
-    """A full processor map for ``UNet2DConditionModel.set_attn_processor``."""
-    self_layers = set(self_attention_layers(processor_names)) if bank is not None else set()
+    """A full processor map for ``UNet2DConditionModel.set_attn_processor``.
+
+    ``projections`` gives self-attention layers their fused q/k/v product (the fast path's).
+    """
+    self_layers = set(self_attention_layers(processor_names))
+    projections = projections or {}
+    banked = bank is not None and bank.config.enabled
     processors: dict[str, object] = {}
     plain = PlainAttnProcessor(kernel)
     for name in processor_names:
         layer = name.removesuffix(".processor")
-        if bank is not None and bank.config.enabled and layer in self_layers:
-            processors[name] = BankSelfAttnProcessor(bank, layer, kernel)
+        qkv = projections.get(layer) if layer in self_layers else None
+        if banked and layer in self_layers:
+            processors[name] = BankSelfAttnProcessor(bank, layer, kernel, qkv)
+        elif qkv is not None:
+            processors[name] = PlainAttnProcessor(kernel, qkv)
         else:
             processors[name] = plain
     return processors

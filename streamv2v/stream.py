@@ -29,7 +29,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
     retrieve_latents,
 )
 
-from .accel import StaticStep, resolve_accel
+from .accel import StaticStep, resolve_accel, use_time_embeddings
 from .attention import bank_processors, pick_attention_kernel
 from .bank import BankConfig, FeatureBank, read_bank_file, self_attention_layers
 from .errors import StreamV2VError
@@ -386,19 +386,32 @@ class StreamV2V:
         vae = self.pipe.vae
         return vae.decode(latent / vae.config.scaling_factor, return_dict=False)[0]
 
-    def _install_processors(self, processors: dict[str, object]) -> None:
+    def _install(
+        self, processors: dict[str, object], time_embeddings: dict[str, torch.Tensor] | None
+    ) -> None:
         """Put ``processors`` (this stream's map, or its fast path's) on the shared UNet,
-        unless that very map is there already."""
+        unless that very map is there already, and its precomputed time embeddings (or none)."""
         unet = self.pipe.unet
         if getattr(unet, "_streamv2v_processors", None) is not processors:
             unet.set_attn_processor(dict(processors))
             unet._streamv2v_processors = processors
+        use_time_embeddings(unet, time_embeddings)
+
+    def unet_timesteps(self) -> torch.Tensor:
+        """The UNet call's timesteps: one per stream-batch row, then CFG's extra rows."""
+        t, cfg = self.timesteps, self.config.cfg_type
+        if cfg == "initialize":
+            return torch.cat([t[0:1], t])
+        if cfg == "full":
+            return torch.cat([t, t])
+        return t
 
     def _denoise(
         self,
         x_t: torch.Tensor,
         unet: Callable,
         processors: dict[str, object] | None = None,
+        time_embeddings: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """One UNet call over the stream batch; returns (finished x0, next buffer, stock noise).
 
@@ -412,15 +425,15 @@ class StreamV2V:
             stock = torch.cat([noise[0:1], self._stock_noise[:-1]])
         else:
             x, stock = x_t, self._stock_noise
-        t = self.timesteps
         if c.cfg_type == "initialize":
-            x_in, t_in = torch.cat([x[0:1], x]), torch.cat([t[0:1], t])
+            x_in = torch.cat([x[0:1], x])
         elif c.cfg_type == "full":
-            x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
+            x_in = torch.cat([x, x])
         else:
-            x_in, t_in = x, t
+            x_in = x
 
-        self._install_processors(processors or self._processors)
+        self._install(processors or self._processors, time_embeddings)
+        t_in = self.unet_timesteps()
         eps = unet(x_in, t_in, encoder_hidden_states=self._embeds, return_dict=False)[0]
 
         if c.cfg_type == "initialize":

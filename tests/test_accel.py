@@ -7,9 +7,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamv2v.accel import resolve_accel, taesd_functions
-from streamv2v.attention import CachedCrossAttnProcessor
-from streamv2v.bank import BankConfig
+from streamv2v.accel import (
+    fused_projections,
+    resolve_accel,
+    taesd_functions,
+    time_embeddings,
+    use_time_embeddings,
+)
+from streamv2v.attention import (
+    BankSelfAttnProcessor,
+    CachedCrossAttnProcessor,
+    PlainAttnProcessor,
+    bank_processors,
+    pick_attention_kernel,
+)
+from streamv2v.bank import BankConfig, FeatureBank
 from streamv2v.errors import StreamV2VError
 from streamv2v.stream import StreamConfig, StreamV2V
 from tests.test_stream import video
@@ -82,6 +94,12 @@ def test_fast_path_equals_plain_path(tiny_model, tiny_model_taesd, bank, config,
         processors = model.pipe.unet.attn_processors.values()
         cached = [p for p in processors if isinstance(p, CachedCrossAttnProcessor)]
         assert len(cached) == len(stream._fast.context) > 0  # prompt projected once, ahead
+        resnets = [m for m in model.pipe.unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+        assert len(stream._fast.time_embeddings) == len(resnets)  # computed ahead too
+        fused = [
+            p.qkv is not None for p in processors if not isinstance(p, CachedCrossAttnProcessor)
+        ]
+        assert len(fused) == len(stream.bank_layers) and all(fused) == (accel != "static")
         assert_frames_close(got, want, accel)
 
 
@@ -148,6 +166,53 @@ def test_fused_taesd_computes_what_the_modules_do(tiny_model_taesd, monkeypatch)
     assert fused.count("add_relu") == blocks and fused.count("relu") == 2 * blocks + 1
     assert taesd_functions(vae, fused=False) == (vae.encoder, vae.decoder)
     assert taesd_functions(vae.float(), fused=True) == (vae.encoder, vae.decoder)
+
+
+def unet_output(unet, t, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(t), 4, 8, 8, generator=generator)
+    context = torch.randn(len(t), 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.inference_mode():
+        return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def test_time_embeddings_computed_ahead_are_the_unets_own(tiny_model):
+    """The fast path hands every ResNet its time embedding, computed once per stream: the
+    UNet's output must be the very same, and a plain call (no cache) must compute its own."""
+    unet = tiny_model.pipe.unet
+    t = torch.tensor([999, 759, 499, 259])
+    want = unet_output(unet, t)
+    with torch.inference_mode():
+        cache = time_embeddings(unet, t)
+    assert len(cache) == sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
+    use_time_embeddings(unet, cache)
+    torch.testing.assert_close(unet_output(unet, t), want, atol=0, rtol=0)
+    other = torch.tensor([1, 2, 3, 4])
+    assert torch.equal(unet_output(unet, other), want)  # the cache is what counts
+    use_time_embeddings(unet, None)
+    torch.testing.assert_close(unet_output(unet, t), want, atol=0, rtol=0)
+    assert not torch.equal(unet_output(unet, other), want)  # and no longer
+    unet.class_embedding = torch.nn.Embedding(2, 8)  # embeddings that depend on more inputs
+    assert time_embeddings(unet, t) is None
+
+
+def test_fused_qkv_projections_compute_the_three_products(tiny_model):
+    """On a GPU the fast path's self-attention layers take q, k, v from one matrix product."""
+    unet = tiny_model.pipe.unet
+    names = list(unet.attn_processors)
+    _, kernel = pick_attention_kernel(torch.device("cpu"), torch.float32)
+    projections = fused_projections(tiny_model)
+    assert projections is fused_projections(tiny_model)  # made once per model
+    t = torch.tensor([999, 759, 499, 259])
+    for bank in (None, FeatureBank(BankConfig())):
+        unet.set_attn_processor(bank_processors(names, bank, kernel))
+        want = unet_output(unet, t)
+        processors = bank_processors(names, bank, kernel, projections)
+        kind = PlainAttnProcessor if bank is None else BankSelfAttnProcessor
+        fused = [p for p in processors.values() if getattr(p, "qkv", None) is not None]
+        assert len(fused) == len(projections) and all(type(p) is kind for p in fused)
+        unet.set_attn_processor(processors)
+        torch.testing.assert_close(unet_output(unet, t), want, atol=1e-5, rtol=1e-5)
 
 
 def test_accel_falls_back_with_a_message():
