@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .bank import FeatureBank, extend, fuse, self_attention_layers
+from .bank import FeatureBank, fuse, self_attention_layers
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,9 @@ class BankSelfAttnProcessor:
             query, key, value = self.qkv(hidden_states)
         else:
             query, key, value = _project(attn, hidden_states, None)
-        bank_k, bank_v, bank_o = self.bank.read(self.layer, key)
+        _, _, bank_o = self.bank.read(self.layer, key)  # checks the bank fits this frame
         if self.extended:
-            out = self.kernel(query, extend(key, bank_k), extend(value, bank_v), attn.heads)
+            out = self.kernel(query, *self.bank.extended(self.layer, key, value), attn.heads)
         else:
             out = self.kernel(query, key, value, attn.heads)
         out = _finish(attn, out, hidden_states)

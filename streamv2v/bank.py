@@ -200,18 +200,36 @@ class BankConfig:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
 class LayerEntries:
     """One layer's bank: K, V, O of the stored frames, oldest first along the token axis.
 
     A queue holds ``frames`` frames of equal token count side by side, so reading it is a
-    reference, not a concatenation per frame.
+    reference, not a concatenation per frame. A static bank with extended attention keeps
+    ``lead`` tokens of room in front of its K and V: attending writes the current frame's K, V
+    there, so Eq. 1's token set is that tensor as it is, where a concatenation would copy the
+    bank's tokens again in every layer of every frame.
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
-    outputs: torch.Tensor
-    frames: int = 1
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        outputs: torch.Tensor,
+        frames: int = 1,
+        lead: int = 0,
+    ) -> None:
+        self.joint_keys, self.joint_values = keys, values  # with the lead room, if any
+        self.outputs = outputs
+        self.frames = frames
+        self.lead = lead
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.joint_keys[:, self.lead :] if self.lead else self.joint_keys
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.joint_values[:, self.lead :] if self.lead else self.joint_values
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.keys, self.values, self.outputs
@@ -223,8 +241,21 @@ class LayerEntries:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def copy(self, clone: bool = False) -> LayerEntries:
+        """The stored tokens without the lead room, as references or (``clone``) copies."""
         k, v, o = (t.clone() for t in self.tensors()) if clone else self.tensors()
         return LayerEntries(k, v, o, self.frames)
+
+    def with_lead(self, lead: int) -> LayerEntries:
+        """An owned copy with ``lead`` tokens of room in front of K and V."""
+
+        def room(x: torch.Tensor) -> torch.Tensor:
+            joint = x.new_empty(x.shape[0], lead + x.shape[1], x.shape[2])
+            joint[:, lead:] = x
+            return joint
+
+        return LayerEntries(
+            room(self.keys), room(self.values), self.outputs.clone(), self.frames, lead
+        )
 
 
 class FeatureBank:
@@ -321,7 +352,11 @@ class FeatureBank:
         """Own the stored tensors and update them in place from now on (see the class doc)."""
         if self.static:
             return
-        self._replace_layers({name: e.copy(clone=True) for name, e in self.layers.items()})
+        if self.config.extended_attention:  # room for the frame's tokens (see LayerEntries)
+            layers = {n: e.with_lead(e.tokens() // e.frames) for n, e in self.layers.items()}
+        else:
+            layers = {n: e.copy(clone=True) for n, e in self.layers.items()}
+        self._replace_layers(layers)
         self.static = True
         if self.config.kind == "dyme":  # a merge draws one number per token of bank + frame
             self._draws = {
@@ -371,6 +406,23 @@ class FeatureBank:
             )
         return entries.tensors()
 
+    def extended(
+        self, layer: str, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extended attention's keys and values for ``layer``: this frame's, then the bank's.
+
+        Read after ``read`` has checked the shapes. A static bank writes the frame's tokens
+        into the room it keeps for them (``LayerEntries``) instead of concatenating.
+        """
+        entries = self.layers.get(layer)
+        if entries is None:
+            return keys, values
+        if entries.lead:
+            entries.joint_keys[:, : entries.lead].copy_(keys)
+            entries.joint_values[:, : entries.lead].copy_(values)
+            return entries.joint_keys, entries.joint_values
+        return extend(keys, entries.keys), extend(values, entries.values)
+
     def record(
         self, layer: str, keys: torch.Tensor, values: torch.Tensor, outputs: torch.Tensor
     ) -> None:
@@ -404,7 +456,7 @@ class FeatureBank:
             for old, x in zip(entries.tensors(), merged):
                 old.copy_(x)
         else:
-            entries.keys, entries.values, entries.outputs = merged
+            self.layers[layer] = LayerEntries(*merged, frames=entries.frames)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
