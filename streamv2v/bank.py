@@ -13,7 +13,7 @@ attention processors keep them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import StreamV2VError
+from .kernels import best_match, best_match_reference, triton_usable
 
 BANK_KINDS = ("dyme", "queue", "none")
 # Low-resolution decoder layers (DESIGN.md): SD1.5 has no attention in up_blocks.0, the name is
@@ -68,6 +69,7 @@ def dyme_merge(
     generator: torch.Generator | None,
     ratio: float = 0.5,
     draws: torch.Tensor | None = None,
+    matcher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = best_match_reference,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dynamic merging: halve the token count by averaging similar tokens.
 
@@ -76,7 +78,8 @@ def dyme_merge(
     token becomes the mean of itself and what joined it. K, V and O share one matching so the
     merged tokens stay consistent with each other. Random splits keep the bank from always
     dropping the same spatial positions. ``draws`` (``[rows, tokens, 1]`` uniform numbers)
-    replaces drawing from ``generator`` here, for callers that draw ahead (a static bank).
+    replaces drawing from ``generator`` here, for callers that draw ahead (a static bank);
+    ``matcher`` finds each src token's most similar dst token (a fused kernel on the GPU).
     Means are taken in float32 whatever the dtype: fp16 atomic adds are slow and lossy.
     """
     rows, tokens, dim = keys.shape
@@ -95,7 +98,7 @@ def dyme_merge(
 
     metric = keys / keys.norm(dim=-1, keepdim=True)
     src_m, dst_m = split(metric)
-    match = (src_m @ dst_m.transpose(-1, -2)).argmax(dim=-1)
+    match = matcher(src_m, dst_m)
 
     # K, V and O side by side: one split and one scatter for all three. The mean is a sum
     # and a count (each dst token counts itself), which torch.compile fuses into the kernels
@@ -283,6 +286,7 @@ class FeatureBank:
         self.generation = 0
         self._updating = False
         self._draws: dict[str, torch.Tensor] = {}
+        self._matcher = best_match_reference
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -316,6 +320,7 @@ class FeatureBank:
         self.layers = layers
         self.static = False
         self._draws = {}
+        self._matcher = best_match_reference
         self.generation += 1
 
     def begin_step(self) -> bool:
@@ -363,6 +368,9 @@ class FeatureBank:
                 name: torch.empty(e.keys.shape[0], 2 * e.tokens(), 1, device=e.keys.device)
                 for name, e in self.layers.items()
             }
+            devices = {e.keys.device for e in self.layers.values()}
+            if all(triton_usable(device) for device in devices):  # the fast path's matching
+                self._matcher = best_match
 
     def draw(self) -> None:
         """A static DyMe bank's random numbers for this update, all layers at once.
@@ -451,6 +459,7 @@ class FeatureBank:
                 self.generator,
                 self.config.merge_ratio,
                 self._draws.get(layer),
+                self._matcher,
             )
         if self.static:
             for old, x in zip(entries.tensors(), merged):

@@ -23,6 +23,7 @@ from streamv2v.attention import (
 )
 from streamv2v.bank import BankConfig, FeatureBank
 from streamv2v.errors import StreamV2VError
+from streamv2v.kernels import best_match, triton_usable
 from streamv2v.stream import StreamConfig, StreamV2V
 from tests.test_stream import video
 
@@ -100,6 +101,8 @@ def test_fast_path_equals_plain_path(tiny_model, tiny_model_taesd, bank, config,
             p.qkv is not None for p in processors if not isinstance(p, CachedCrossAttnProcessor)
         ]
         assert len(fused) == len(stream.bank_layers) and all(fused) == (accel != "static")
+        kernel = accel != "static" and bank == "dyme" and triton_usable(stream.device)
+        assert (stream.bank._matcher is best_match) == kernel
         assert_frames_close(got, want, accel)
 
 
