@@ -268,8 +268,8 @@ class Session:
         results = _Downloads(stream.device)
         for start in range(0, count, TRANSFER_CHUNK):
             chunk = frames[start : start + TRANSFER_CHUNK]
-            if isinstance(chunk, torch.Tensor) and stream.device.type == "cuda":
-                chunk = chunk.pin_memory().to(stream.device, non_blocking=True)
+            if isinstance(chunk, torch.Tensor):
+                chunk = stream.upload(chunk)
             for i, frame in enumerate(chunk, start):
                 results.add(stream.push(frame, to_cpu=False))
                 if on_frame is not None:

@@ -247,6 +247,7 @@ class StreamV2V:
         self.set_prompt(prompt, negative_prompt)
         self._reset_stream()
         self._fast = StaticStep(self, self.accel) if self.accel != "off" else None
+        self._copy_stream: torch.cuda.Stream | None = None
 
     def status(self, text: str) -> None:
         """Tell the user what a long wait is (the log, and ``on_status`` when given)."""
@@ -346,13 +347,28 @@ class StreamV2V:
                 "resize all frames to one size, or start a new stream"
             )
         pw, ph = processing_size(*self.output_size)
-        if self.device.type == "cuda" and rgb.device.type == "cpu":
-            # From pageable memory the copy would wait for the GPU to finish every frame
-            # queued so far; from pinned memory it queues behind them and the host goes on.
-            rgb = rgb.pin_memory()
-        x = rgb.to(self.device, non_blocking=True).permute(2, 0, 1).unsqueeze(0)
+        x = self.upload(rgb).permute(2, 0, 1).unsqueeze(0)
         x = resize(x, pw, ph)
         return (x * 2 - 1).to(self.dtype)
+
+    def upload(self, frames: torch.Tensor) -> torch.Tensor:
+        """``frames`` on the model's device; from the CPU to a GPU through pinned memory on a
+        copy stream of its own.
+
+        From pageable memory the copy would wait for the GPU to finish every frame queued so
+        far; on the compute stream it would queue behind them and hold up the frames after it.
+        On its own stream it overlaps the frames being computed.
+        """
+        if self.device.type != "cuda" or frames.device.type != "cpu":
+            return frames.to(self.device, non_blocking=True)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            moved = frames.pin_memory().to(self.device, non_blocking=True)
+        compute.wait_stream(self._copy_stream)
+        moved.record_stream(compute)  # its memory is reused only once computing is done with it
+        return moved
 
     def _to_image(self, decoded: torch.Tensor) -> torch.Tensor:
         """``[H, W, 3]`` float32 in 0..1 at the output size, still on the model's device."""
