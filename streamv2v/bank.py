@@ -70,6 +70,7 @@ def dyme_merge(
     ratio: float = 0.5,
     draws: torch.Tensor | None = None,
     matcher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = best_match_reference,
+    rolled: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dynamic merging: halve the token count by averaging similar tokens.
 
@@ -80,12 +81,16 @@ def dyme_merge(
     dropping the same spatial positions. ``draws`` (``[rows, tokens, 1]`` uniform numbers)
     replaces drawing from ``generator`` here, for callers that draw ahead (a static bank);
     ``matcher`` finds each src token's most similar dst token (a fused kernel on the GPU).
+    The token sets are the bank's tokens then the frame's, or, with ``rolled`` (the frame's
+    token count), the frame's then the bank's, as a static bank holds them.
     Means are taken in float32 whatever the dtype: fp16 atomic adds are slow and lossy.
     """
-    rows, tokens, dim = keys.shape
+    rows, tokens, _ = keys.shape
     if draws is None:
         draws = torch.rand(rows, tokens, 1, device=keys.device, generator=generator)
     order = draws.argsort(dim=1)
+    if rolled:  # the same split of tokens laid out as [frame | bank]
+        order = (order + rolled) % tokens
     n_src = int(ratio * tokens)
     src_idx, dst_idx = order[:, :n_src, :], order[:, n_src:, :]
 
@@ -100,18 +105,22 @@ def dyme_merge(
     src_m, dst_m = split(metric)
     match = matcher(src_m, dst_m)
 
-    # K, V and O side by side: one split and one scatter for all three. The mean is a sum
-    # and a count (each dst token counts itself), which torch.compile fuses into the kernels
-    # around it; ``scatter_reduce(reduce="mean")`` ran as six library kernels per layer.
-    src, dst = split(torch.cat([keys, values, outputs], dim=-1))
-    index = match.unsqueeze(-1).expand(rows, n_src, src.shape[-1])
-    sums = dst.float().scatter_add(1, index, src.float())
-    counts = torch.ones(rows, tokens - n_src, device=keys.device).scatter_add(
-        1, match, torch.ones(rows, n_src, device=keys.device)
+    # The mean is a sum and a count (each dst token counts itself), which torch.compile fuses
+    # into the kernels around it; ``scatter_reduce(reduce="mean")`` ran as six library kernels
+    # per layer. K, V and O are merged one by one: joined side by side first, they were
+    # copied into one wide tensor per layer.
+    counts = (
+        torch.ones(rows, tokens - n_src, device=keys.device)
+        .scatter_add(1, match, torch.ones(rows, n_src, device=keys.device))
+        .unsqueeze(-1)
     )
-    merged = (sums / counts.unsqueeze(-1)).to(keys.dtype)
-    k, v, o = merged.split([dim, values.shape[-1], outputs.shape[-1]], dim=-1)
-    return k, v, o
+
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        src, dst = split(x)
+        index = match.unsqueeze(-1).expand(rows, n_src, x.shape[-1])
+        return (dst.float().scatter_add(1, index, src.float()) / counts).to(x.dtype)
+
+    return merge(keys), merge(values), merge(outputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,10 +216,10 @@ class LayerEntries:
     """One layer's bank: K, V, O of the stored frames, oldest first along the token axis.
 
     A queue holds ``frames`` frames of equal token count side by side, so reading it is a
-    reference, not a concatenation per frame. A static bank with extended attention keeps
-    ``lead`` tokens of room in front of its K and V: attending writes the current frame's K, V
-    there, so Eq. 1's token set is that tensor as it is, where a concatenation would copy the
-    bank's tokens again in every layer of every frame.
+    reference, not a concatenation per frame. A static bank keeps ``lead`` tokens of room in
+    front of its K, V and O (``joint``): attending writes the current frame's K, V there, so Eq.
+    1's token set is that tensor as it is, and a DyMe update merges the joint tensors as they
+    are, where concatenations would copy the bank's tokens again in every layer.
     """
 
     def __init__(
@@ -221,21 +230,28 @@ class LayerEntries:
         frames: int = 1,
         lead: int = 0,
     ) -> None:
-        self.joint_keys, self.joint_values = keys, values  # with the lead room, if any
-        self.outputs = outputs
+        self.joint = (keys, values, outputs)  # with the lead room, if any
         self.frames = frames
         self.lead = lead
 
     @property
     def keys(self) -> torch.Tensor:
-        return self.joint_keys[:, self.lead :] if self.lead else self.joint_keys
+        return self.tensors()[0]
 
     @property
     def values(self) -> torch.Tensor:
-        return self.joint_values[:, self.lead :] if self.lead else self.joint_values
+        return self.tensors()[1]
+
+    @property
+    def outputs(self) -> torch.Tensor:
+        return self.tensors()[2]
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.keys, self.values, self.outputs
+        """The stored K, V, O (without the room)."""
+        if not self.lead:
+            return self.joint
+        k, v, o = (x[:, self.lead :] for x in self.joint)
+        return k, v, o
 
     def tokens(self) -> int:
         return self.keys.shape[1]
@@ -249,16 +265,15 @@ class LayerEntries:
         return LayerEntries(k, v, o, self.frames)
 
     def with_lead(self, lead: int) -> LayerEntries:
-        """An owned copy with ``lead`` tokens of room in front of K and V."""
+        """An owned copy with ``lead`` tokens of room in front of K, V and O."""
 
         def room(x: torch.Tensor) -> torch.Tensor:
             joint = x.new_empty(x.shape[0], lead + x.shape[1], x.shape[2])
             joint[:, lead:] = x
             return joint
 
-        return LayerEntries(
-            room(self.keys), room(self.values), self.outputs.clone(), self.frames, lead
-        )
+        k, v, o = (room(x) for x in self.tensors())
+        return LayerEntries(k, v, o, self.frames, lead)
 
 
 class FeatureBank:
@@ -357,10 +372,8 @@ class FeatureBank:
         """Own the stored tensors and update them in place from now on (see the class doc)."""
         if self.static:
             return
-        if self.config.extended_attention:  # room for the frame's tokens (see LayerEntries)
-            layers = {n: e.with_lead(e.tokens() // e.frames) for n, e in self.layers.items()}
-        else:
-            layers = {n: e.copy(clone=True) for n, e in self.layers.items()}
+        # Room for the frame's tokens (see LayerEntries)
+        layers = {n: e.with_lead(e.tokens() // e.frames) for n, e in self.layers.items()}
         self._replace_layers(layers)
         self.static = True
         if self.config.kind == "dyme":  # a merge draws one number per token of bank + frame
@@ -426,9 +439,10 @@ class FeatureBank:
         if entries is None:
             return keys, values
         if entries.lead:
-            entries.joint_keys[:, : entries.lead].copy_(keys)
-            entries.joint_values[:, : entries.lead].copy_(values)
-            return entries.joint_keys, entries.joint_values
+            joint_k, joint_v, _ = entries.joint
+            joint_k[:, : entries.lead].copy_(keys)
+            joint_v[:, : entries.lead].copy_(values)
+            return joint_k, joint_v
         return extend(keys, entries.keys), extend(values, entries.values)
 
     def record(
@@ -454,12 +468,21 @@ class FeatureBank:
                 torch.cat([old[:, tokens:], x], dim=1) for old, x in zip(entries.tensors(), new)
             )
         else:
+            if entries.lead:  # the frame into the room in front: [frame | bank], no copies
+                for joint, x in zip(entries.joint, new):
+                    joint[:, : entries.lead].copy_(x)
+                token_sets = entries.joint
+            else:
+                token_sets = tuple(
+                    torch.cat([old, x], dim=1) for old, x in zip(entries.tensors(), new)
+                )
             merged = dyme_merge(
-                *(torch.cat([old, x], dim=1) for old, x in zip(entries.tensors(), new)),
+                *token_sets,
                 self.generator,
                 self.config.merge_ratio,
                 self._draws.get(layer),
                 self._matcher,
+                rolled=entries.lead,
             )
         if self.static:
             for old, x in zip(entries.tensors(), merged):
