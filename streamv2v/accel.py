@@ -336,12 +336,22 @@ class _TimeEmbeddingSlot:
     current: dict[str, torch.Tensor] | None = None
 
 
+def _swap_time_embedding(module: torch.nn.Module, args: tuple, output: torch.Tensor):
+    """Forward hook on a ResNet's ``time_emb_proj``: the cached embedding, when there is one.
+
+    The slot and the ResNet's name are the module's own attributes (not a closure), so a
+    deep-copied UNet's hooks read the copy's slot.
+    """
+    cached = module._streamv2v_time_slot.current
+    return output if cached is None else cached[module._streamv2v_time_name]
+
+
 def use_time_embeddings(unet: torch.nn.Module, cache: dict[str, torch.Tensor] | None) -> None:
     """Make the UNet's ResNets take their time embeddings from ``cache`` (None: compute them).
 
     A forward hook on each ``time_emb_proj`` swaps in the cached tensor; torch.compile then
     drops the UNet's own time-embedding products as unused. The hooks are added once per UNet
-    and read the slot, so a plain step (cache None) runs the UNet as it is.
+    and read its slot, so a plain step (cache None) runs the UNet as it is.
     """
     slot = unet.__dict__.get("_streamv2v_time_slot")
     if slot is None:
@@ -352,11 +362,9 @@ def use_time_embeddings(unet: torch.nn.Module, cache: dict[str, torch.Tensor] | 
         slot = unet._streamv2v_time_slot = _TimeEmbeddingSlot()
         for name, block in unet.named_modules():
             if isinstance(block, ResnetBlock2D) and block.time_emb_proj is not None:
-
-                def swap(module, args, output, name=name):
-                    return output if slot.current is None else slot.current[name]
-
-                block.time_emb_proj.register_forward_hook(swap)
+                block.time_emb_proj._streamv2v_time_slot = slot
+                block.time_emb_proj._streamv2v_time_name = name
+                block.time_emb_proj.register_forward_hook(_swap_time_embedding)
     slot.current = cache
 
 

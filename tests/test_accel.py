@@ -192,9 +192,13 @@ def test_time_embeddings_computed_ahead_are_the_unets_own(tiny_model):
     torch.testing.assert_close(unet_output(unet, t), want, atol=0, rtol=0)
     other = torch.tensor([1, 2, 3, 4])
     assert torch.equal(unet_output(unet, other), want)  # the cache is what counts
+    copied = copy.deepcopy(unet)  # its hooks read its own slot
     use_time_embeddings(unet, None)
     torch.testing.assert_close(unet_output(unet, t), want, atol=0, rtol=0)
     assert not torch.equal(unet_output(unet, other), want)  # and no longer
+    assert torch.equal(unet_output(copied, other), want)
+    use_time_embeddings(copied, None)
+    assert not torch.equal(unet_output(copied, other), want)
     unet.class_embedding = torch.nn.Embedding(2, 8)  # embeddings that depend on more inputs
     assert time_embeddings(unet, t) is None
 
