@@ -178,7 +178,6 @@ class StaticStep:
         bank.make_static()
         if "_embeds" in self._adopt_state() or not self.context:
             self._project_context()
-
         source = x if self.encode_inside else s._encode(x)
         self.input.copy_(source)
         if self.mode != "static" and bank.generation != self.generation:
