@@ -26,8 +26,8 @@ reference: the fast path's output equals it within fp16 rounding (tested).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -345,17 +345,22 @@ def _swap_time_embedding(module: torch.nn.Module, args: tuple, output: torch.Ten
     return output if cached is None else cached[module._streamv2v_time_name]
 
 
-def use_time_embeddings(unet: torch.nn.Module, cache: dict[str, torch.Tensor] | None) -> None:
-    """Make the UNet's ResNets take their time embeddings from ``cache`` (None: compute them).
+@contextmanager
+def time_embeddings_in_use(
+    unet: torch.nn.Module, cache: dict[str, torch.Tensor] | None
+) -> Iterator[None]:
+    """Within this block, the UNet's ResNets take their time embeddings from ``cache``.
 
     A forward hook on each ``time_emb_proj`` swaps in the cached tensor; torch.compile then
     drops the UNet's own time-embedding products as unused. The hooks are added once per UNet
-    and read its slot, so a plain step (cache None) runs the UNet as it is.
+    and read its slot, which is empty outside the block: any other call of the UNet (a plain
+    step, computing another stream's cache) computes its own.
     """
+    if cache is None:
+        yield
+        return
     slot = unet.__dict__.get("_streamv2v_time_slot")
     if slot is None:
-        if cache is None:
-            return
         from diffusers.models.resnet import ResnetBlock2D
 
         slot = unet._streamv2v_time_slot = _TimeEmbeddingSlot()
@@ -365,6 +370,10 @@ def use_time_embeddings(unet: torch.nn.Module, cache: dict[str, torch.Tensor] | 
                 block.time_emb_proj._streamv2v_time_name = name
                 block.time_emb_proj.register_forward_hook(_swap_time_embedding)
     slot.current = cache
+    try:
+        yield
+    finally:
+        slot.current = None
 
 
 def _cudnn_tuned():

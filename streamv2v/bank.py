@@ -372,8 +372,11 @@ class FeatureBank:
         """Own the stored tensors and update them in place from now on (see the class doc)."""
         if self.static:
             return
-        # Room for the frame's tokens (see LayerEntries)
-        layers = {n: e.with_lead(e.tokens() // e.frames) for n, e in self.layers.items()}
+        # Room for the frame's tokens (see LayerEntries), where attending or merging uses it
+        roomy = self.config.extended_attention or self.config.kind == "dyme"
+        layers = {
+            n: e.with_lead(e.tokens() // e.frames if roomy else 0) for n, e in self.layers.items()
+        }
         self._replace_layers(layers)
         self.static = True
         if self.config.kind == "dyme":  # a merge draws one number per token of bank + frame

@@ -29,7 +29,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
     retrieve_latents,
 )
 
-from .accel import StaticStep, resolve_accel, use_time_embeddings
+from .accel import StaticStep, resolve_accel, time_embeddings_in_use
 from .attention import bank_processors, pick_attention_kernel
 from .bank import BankConfig, FeatureBank, read_bank_file, self_attention_layers
 from .errors import StreamV2VError
@@ -360,7 +360,7 @@ class StreamV2V:
         On its own stream it overlaps the frames being computed.
         """
         if self.device.type != "cuda" or frames.device.type != "cpu":
-            return frames.to(self.device, non_blocking=True)
+            return frames.to(self.device)
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
         compute = torch.cuda.current_stream(self.device)
@@ -402,16 +402,13 @@ class StreamV2V:
         vae = self.pipe.vae
         return vae.decode(latent / vae.config.scaling_factor, return_dict=False)[0]
 
-    def _install(
-        self, processors: dict[str, object], time_embeddings: dict[str, torch.Tensor] | None
-    ) -> None:
+    def _install_processors(self, processors: dict[str, object]) -> None:
         """Put ``processors`` (this stream's map, or its fast path's) on the shared UNet,
-        unless that very map is there already, and its precomputed time embeddings (or none)."""
+        unless that very map is there already."""
         unet = self.pipe.unet
         if getattr(unet, "_streamv2v_processors", None) is not processors:
             unet.set_attn_processor(dict(processors))
             unet._streamv2v_processors = processors
-        use_time_embeddings(unet, time_embeddings)
 
     def unet_timesteps(self) -> torch.Tensor:
         """The UNet call's timesteps: one per stream-batch row, then CFG's extra rows."""
@@ -448,9 +445,10 @@ class StreamV2V:
         else:
             x_in = x
 
-        self._install(processors or self._processors, time_embeddings)
-        t_in = self.unet_timesteps()
-        eps = unet(x_in, t_in, encoder_hidden_states=self._embeds, return_dict=False)[0]
+        self._install_processors(processors or self._processors)
+        with time_embeddings_in_use(self.pipe.unet, time_embeddings):
+            t_in = self.unet_timesteps()
+            eps = unet(x_in, t_in, encoder_hidden_states=self._embeds, return_dict=False)[0]
 
         if c.cfg_type == "initialize":
             eps_text = eps[1:]

@@ -12,7 +12,7 @@ from streamv2v.accel import (
     resolve_accel,
     taesd_functions,
     time_embeddings,
-    use_time_embeddings,
+    time_embeddings_in_use,
 )
 from streamv2v.attention import (
     BankSelfAttnProcessor,
@@ -181,26 +181,41 @@ def unet_output(unet, t, seed=0):
 
 def test_time_embeddings_computed_ahead_are_the_unets_own(tiny_model):
     """The fast path hands every ResNet its time embedding, computed once per stream: the
-    UNet's output must be the very same, and a plain call (no cache) must compute its own."""
+    UNet's output must be the very same, and any call outside the block computes its own."""
     unet = tiny_model.pipe.unet
-    t = torch.tensor([999, 759, 499, 259])
+    t, other = torch.tensor([999, 759, 499, 259]), torch.tensor([1, 2, 3, 4])
     want = unet_output(unet, t)
     with torch.inference_mode():
         cache = time_embeddings(unet, t)
     assert len(cache) == sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
-    use_time_embeddings(unet, cache)
+    with time_embeddings_in_use(unet, cache):
+        torch.testing.assert_close(unet_output(unet, t), want, atol=0, rtol=0)
+        assert torch.equal(unet_output(unet, other), want)  # the cache is what counts
+        copied = copy.deepcopy(unet)  # its hooks read its own slot
+        with time_embeddings_in_use(copied, cache):
+            assert torch.equal(unet_output(copied, other), want)
     torch.testing.assert_close(unet_output(unet, t), want, atol=0, rtol=0)
-    other = torch.tensor([1, 2, 3, 4])
-    assert torch.equal(unet_output(unet, other), want)  # the cache is what counts
-    copied = copy.deepcopy(unet)  # its hooks read its own slot
-    use_time_embeddings(unet, None)
-    torch.testing.assert_close(unet_output(unet, t), want, atol=0, rtol=0)
-    assert not torch.equal(unet_output(unet, other), want)  # and no longer
-    assert torch.equal(unet_output(copied, other), want)
-    use_time_embeddings(copied, None)
+    assert not torch.equal(unet_output(unet, other), want)  # no longer
     assert not torch.equal(unet_output(copied, other), want)
     unet.class_embedding = torch.nn.Embedding(2, 8)  # embeddings that depend on more inputs
     assert time_embeddings(unet, t) is None
+
+
+def test_streams_of_one_model_each_use_their_own_time_embeddings(tiny_model_taesd):
+    """A stream whose fast path starts at once (no bank) computes its embeddings on a UNet
+    that an earlier stream's fast path ran: it must get its own timesteps' embeddings."""
+    frames = video(8)
+    configs = (
+        StreamConfig(t_index_list=(30, 35, 40, 45)),
+        StreamConfig(t_index_list=(10, 20, 30, 40)),
+        StreamConfig(t_index_list=(25,)),
+    )
+    for config in configs:
+        fresh = copy.deepcopy(tiny_model_taesd)
+        got, stream = run(tiny_model_taesd, "static", BANKS["none"], frames, config)
+        want, _ = run(fresh, "static", BANKS["none"], frames, config)
+        assert stream._fast.image is not None
+        assert_frames_close(got, want, "static")
 
 
 def test_fused_qkv_projections_compute_the_three_products(tiny_model):
