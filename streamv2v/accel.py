@@ -201,7 +201,7 @@ class StaticStep:
         self.input = torch.empty_like(x if self.encode_inside else s._init_noise[0:1])
         width, height = s.output_size
         self.image = torch.empty(height, width, 3, device=x.device, dtype=torch.float32)
-        self.time_embeddings = time_embeddings(s.pipe.unet, s.unet_timesteps())
+        self.time_embeddings = time_embeddings(s.pipe.unet, s.unet_timesteps)
         self.state = {
             name: torch.empty_like(getattr(s, name))
             for name in STATE_FIELDS
@@ -314,19 +314,26 @@ def time_embeddings(
     config = unet.config
     if getattr(unet, "class_embedding", None) is not None or config.addition_embed_type:
         return None
-    from diffusers.models.resnet import ResnetBlock2D
-
     # get_time_embed reads its sample only for the batch size and dtype.
     rows = torch.empty(len(timesteps), 0, device=timesteps.device, dtype=unet.dtype)
     emb = unet.time_embedding(unet.get_time_embed(sample=rows, timestep=timesteps), None)
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
-    cache = {}
-    for name, block in unet.named_modules():
-        if isinstance(block, ResnetBlock2D) and block.time_emb_proj is not None:
-            temb = emb if block.skip_time_act else block.nonlinearity(emb)
-            cache[name] = block.time_emb_proj(temb)
-    return cache
+    return {
+        name: block.time_emb_proj(emb if block.skip_time_act else block.nonlinearity(emb))
+        for name, block in _timed_resnets(unet)
+    }
+
+
+def _timed_resnets(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, block) of every ResNet that projects the time embedding."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return [
+        (name, block)
+        for name, block in unet.named_modules()
+        if isinstance(block, ResnetBlock2D) and block.time_emb_proj is not None
+    ]
 
 
 class _TimeEmbeddingSlot:
@@ -361,14 +368,11 @@ def time_embeddings_in_use(
         return
     slot = unet.__dict__.get("_streamv2v_time_slot")
     if slot is None:
-        from diffusers.models.resnet import ResnetBlock2D
-
         slot = unet._streamv2v_time_slot = _TimeEmbeddingSlot()
-        for name, block in unet.named_modules():
-            if isinstance(block, ResnetBlock2D) and block.time_emb_proj is not None:
-                block.time_emb_proj._streamv2v_time_slot = slot
-                block.time_emb_proj._streamv2v_time_name = name
-                block.time_emb_proj.register_forward_hook(_swap_time_embedding)
+        for name, block in _timed_resnets(unet):
+            block.time_emb_proj._streamv2v_time_slot = slot
+            block.time_emb_proj._streamv2v_time_name = name
+            block.time_emb_proj.register_forward_hook(_swap_time_embedding)
     slot.current = cache
     try:
         yield

@@ -274,6 +274,7 @@ class StreamV2V:
         scheduler.set_timesteps(SCHEDULER_STEPS, self.device)
         timesteps = [scheduler.timesteps[i] for i in self.config.timestep_indices]
         self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=self.device)
+        self.unet_timesteps = self._cfg_rows(self.timesteps)  # the UNet call's, fixed
 
         def column(values: list[torch.Tensor]) -> torch.Tensor:
             return torch.stack(values).view(-1, 1, 1, 1).to(device=self.device, dtype=self.dtype)
@@ -410,14 +411,15 @@ class StreamV2V:
             unet.set_attn_processor(dict(processors))
             unet._streamv2v_processors = processors
 
-    def unet_timesteps(self) -> torch.Tensor:
-        """The UNet call's timesteps: one per stream-batch row, then CFG's extra rows."""
-        t, cfg = self.timesteps, self.config.cfg_type
+    def _cfg_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (one row per stream-batch slot) as the UNet call's batch, with the
+        unconditional rows CFG adds in front."""
+        cfg = self.config.cfg_type
         if cfg == "initialize":
-            return torch.cat([t[0:1], t])
+            return torch.cat([x[0:1], x])
         if cfg == "full":
-            return torch.cat([t, t])
-        return t
+            return torch.cat([x, x])
+        return x
 
     def _denoise(
         self,
@@ -438,16 +440,10 @@ class StreamV2V:
             stock = torch.cat([noise[0:1], self._stock_noise[:-1]])
         else:
             x, stock = x_t, self._stock_noise
-        if c.cfg_type == "initialize":
-            x_in = torch.cat([x[0:1], x])
-        elif c.cfg_type == "full":
-            x_in = torch.cat([x, x])
-        else:
-            x_in = x
+        x_in, t_in = self._cfg_rows(x), self.unet_timesteps
 
         self._install_processors(processors or self._processors)
         with time_embeddings_in_use(self.pipe.unet, time_embeddings):
-            t_in = self.unet_timesteps()
             eps = unet(x_in, t_in, encoder_hidden_states=self._embeds, return_dict=False)[0]
 
         if c.cfg_type == "initialize":
