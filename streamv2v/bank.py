@@ -472,7 +472,10 @@ class FeatureBank:
             )
         else:
             if entries.lead:  # the frame into the room in front: [frame | bank], no copies
-                for joint, x in zip(entries.joint, new):
+                # With extended attention the processor has attended (``extended``) before
+                # recording, which put this frame's K, V there already: only O is new.
+                written = 2 if self.config.extended_attention else 0
+                for joint, x in zip(entries.joint[written:], new[written:]):
                     joint[:, : entries.lead].copy_(x)
                 token_sets = entries.joint
             else:

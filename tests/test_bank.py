@@ -129,6 +129,33 @@ def test_dyme_first_update_takes_frame_then_merges_to_constant_size():
     assert bank.frames_absorbed == 50
 
 
+@pytest.mark.parametrize("extended", [True, False])
+def test_a_static_bank_stores_what_a_growing_bank_stores(extended):
+    """A static bank keeps the frame in the room in front of its tokens (extended attention
+    writes K, V there, the update the rest) and draws ahead: the stored tokens are the same."""
+    config = BankConfig(interval=1, extended_attention=extended, fusion=not extended)
+    layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    frames = frames_of(6)
+    banks = [FeatureBank(config), FeatureBank(config)]
+    for bank in banks:
+        bank.bind(torch.device("cpu"), seed=3)
+        drive(bank, frames[:1])
+    banks[1].make_static()
+    for k, v, o in frames[1:]:
+        for bank in banks:  # as the processor calls it
+            bank.begin_step()
+            bank.draw()
+            bank.read(layer, k)
+            if extended:
+                bank.extended(layer, k, v)
+            bank.record(layer, k, v, o)
+            bank.end_step()
+    growing, static = (bank.layers[layer] for bank in banks)
+    assert static.lead == frames[0][0].shape[1]
+    for a, b in zip(growing.tensors(), static.tensors()):
+        assert torch.equal(a, b)
+
+
 def test_none_bank_records_nothing():
     bank = FeatureBank(BankConfig(kind="none"))
     assert drive(bank, frames_of(3)) is None
