@@ -38,7 +38,7 @@ from .attention import (
     bank_processors,
     project_context,
 )
-from .bank import self_attention_layers
+from .bank import join_updates, self_attention_layers
 from .errors import StreamV2VError
 from .modes import ACCEL_MODES
 
@@ -122,6 +122,10 @@ class StaticStep:
         self.generation: int | None = None
         self.state: dict[str, torch.Tensor] = {}
         self._pool = None
+        # Graphs are captured on a stream of high priority: PyTorch instantiates them with
+        # their nodes' priorities, so the frame's kernels go first where the bank update
+        # running beside them (``dyme_update``) competes for the GPU.
+        self._stream: torch.cuda.Stream | None = None
         model = stream.model
         if mode != "static":
             prepare_model(model)
@@ -175,7 +179,7 @@ class StaticStep:
         s, bank = self.stream, self.stream.bank
         if self.image is None:
             self._allocate(x)
-        bank.make_static()
+        bank.make_static(aside=self.mode == "compile")
         if "_embeds" in self._adopt_state() or not self.context:
             self._project_context()
         source = x if self.encode_inside else s._encode(x)
@@ -239,11 +243,16 @@ class StaticStep:
         s.bank.draw()
         latent = self._encode(self.input) if self.encode_inside else self.input
         x_t = s._a[0] * latent + s._b[0] * s._init_noise[0]
-        finished, buffer, stock = s._denoise(x_t, self.unet, self.processors, self.time_embeddings)
-        if buffer is not None:
-            s._buffer.copy_(buffer)
-        s._stock_noise.copy_(stock)
-        self.image.copy_(s._to_image(self._decode(finished)))
+        try:
+            finished, buffer, stock = s._denoise(
+                x_t, self.unet, self.processors, self.time_embeddings
+            )
+            if buffer is not None:
+                s._buffer.copy_(buffer)
+            s._stock_noise.copy_(stock)
+            self.image.copy_(s._to_image(self._decode(finished)))
+        finally:
+            join_updates(self.image.device)
 
     def _capture(self, updating: bool) -> torch.cuda.CUDAGraph:
         """Warm up (compiling, picking cuDNN algorithms) and capture one kind of frame.
@@ -279,7 +288,10 @@ class StaticStep:
             graph.register_generator_state(bank.generator)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with _cudnn_tuned(), bank.step_as(updating), torch.cuda.graph(graph, pool=self._pool):
+        if self._stream is None:  # see __init__
+            self._stream = torch.cuda.Stream(device=self.input.device, priority=-1)
+        capture = torch.cuda.graph(graph, pool=self._pool, stream=self._stream)
+        with _cudnn_tuned(), bank.step_as(updating), capture:
             self._body()
         self.graphs[updating] = graph
         return graph

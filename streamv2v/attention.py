@@ -194,7 +194,7 @@ class BankSelfAttnProcessor:
         fused = out
         if self.fusing and bank_o is not None:  # before recording: a static bank updates in place
             fused = fuse(out, bank_o, self.strength, self.threshold)
-        self.bank.record(self.layer, key, value, out)
+        self.bank.record(self.layer, key, value, out, after=fused)
         return fused
 
 

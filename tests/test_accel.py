@@ -129,6 +129,37 @@ def test_fast_path_survives_rollback_reset_and_prompt_change(tiny_model, tiny_mo
         assert_frames_close(got, want, accel)
 
 
+def test_compiled_update_frames_merge_the_banks_own_tensors(tiny_model_taesd):
+    """The compiled UNet of an update frame hands every layer's update the bank's own tensors.
+
+    Were it a copy (torch.compile copies a tensor that an operator declares it writes and the
+    graph also reads, as feature fusion reads the bank's outputs), the merge running beside the
+    frame would race the copy being written back. Inductor compiles on the CPU too, so its code
+    for the real (tiny) UNet is read here; on a GPU the frames are compared (fast path tests).
+    """
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = tiny_model_taesd
+    stream = StreamV2V(model, StreamConfig(), BANKS["dyme"], prompt="ink", accel="static")
+    for frame in video(6):
+        stream.push(frame)
+    step = stream._fast
+    step.unet = torch.compile(model.pipe.unet, dynamic=False)  # as the compile mode does
+    stream.bank.make_static(aside=True)
+    with torch.inference_mode(), stream.bank.step_as(True):
+        _, code = run_and_get_code(step._body)
+    lines = [line for c in code for line in c.splitlines()]
+    calls = [line for line in lines if "streamv2v.dyme_update.default(" in line]
+    assert len(calls) == len(stream.bank_layers)
+    for call in calls:
+        joint = call.split("(", 1)[1].split(", ")[:3]
+        assert all(re.fullmatch(r"arg\d+_1", name) for name in joint), call
+    torch._dynamo.reset()
+
+
 def test_a_saved_fast_stream_continues_exactly(tiny_model_taesd, tmp_path):
     frames = video(14)
     a = StreamV2V(tiny_model_taesd, StreamConfig(), BANKS["dyme"], prompt="ink", accel="static")

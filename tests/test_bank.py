@@ -1,6 +1,7 @@
 """The bank's math against the paper's equations, computed independently by hand."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -129,10 +130,12 @@ def test_dyme_first_update_takes_frame_then_merges_to_constant_size():
     assert bank.frames_absorbed == 50
 
 
+@pytest.mark.parametrize("aside", [False, True])
 @pytest.mark.parametrize("extended", [True, False])
-def test_a_static_bank_stores_what_a_growing_bank_stores(extended):
+def test_a_static_bank_stores_what_a_growing_bank_stores(extended, aside):
     """A static bank keeps the frame in the room in front of its tokens (extended attention
-    writes K, V there, the update the rest) and draws ahead: the stored tokens are the same."""
+    writes K, V there, the update the rest) and draws ahead: the stored tokens are the same,
+    also when it is updated by the operators that run beside the frame on a GPU."""
     config = BankConfig(interval=1, extended_attention=extended, fusion=not extended)
     layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
     frames = frames_of(6)
@@ -140,7 +143,8 @@ def test_a_static_bank_stores_what_a_growing_bank_stores(extended):
     for bank in banks:
         bank.bind(torch.device("cpu"), seed=3)
         drive(bank, frames[:1])
-    banks[1].make_static()
+    banks[1].make_static(aside=aside)
+    assert banks[1].aside == aside
     for k, v, o in frames[1:]:
         for bank in banks:  # as the processor calls it
             bank.begin_step()
@@ -237,6 +241,52 @@ def test_processor_reads_then_records_pre_fusion_output(layer, fuses):
         entries = bank.layers[layer]
         torch.testing.assert_close(entries.outputs, o1)  # stored before fusion
         torch.testing.assert_close(entries.keys, k1)
+
+
+def test_compiled_update_beside_the_frame_merges_the_banks_own_tensors():
+    """torch.compile hands an operator a copy of a tensor that the graph mutated before it, and
+    copies it back after the operator returns: an update still running beside the frame would
+    then merge into the copy, or be overwritten by it. The room is filled by operators so the
+    update gets the bank's own tensors (Inductor's code is read), and the result is the eager
+    one."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    attn = FakeAttn().float()
+    layer = "up_blocks.1.a.attn1"
+    g = torch.Generator().manual_seed(4)
+    frames = [torch.randn(2, 6, 8, generator=g) for _ in range(3)]
+    banks, outputs = [], []
+    for compiled in (False, True):
+        bank = FeatureBank(BankConfig(interval=1))
+        bank.bind(torch.device("cpu"), seed=1)
+        proc = BankSelfAttnProcessor(bank, layer, sdpa_attention)
+        with torch.no_grad():
+            bank.begin_step()
+            proc(attn, frames[0])
+            bank.end_step()
+            bank.make_static(aside=True)
+            step = torch.compile(proc) if compiled else proc
+            got = []
+            for h in frames[1:]:
+                bank.begin_step()
+                bank.draw()
+                if compiled:
+                    out, code = run_and_get_code(step, attn, h)
+                else:
+                    out = step(attn, h)
+                got.append(out)
+                bank.end_step()
+        banks.append(bank)
+        outputs.append(got)
+    update = [line for line in code[-1].splitlines() if "streamv2v.dyme_update.default(" in line]
+    assert len(update) == 1, update
+    joint = update[0].split("(", 1)[1].split(", ")[:3]
+    assert all(re.fullmatch(r"arg\d+_1", name) for name in joint), update
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(*(bank.layers[layer].joint for bank in banks)):
+        torch.testing.assert_close(a, b)
 
 
 def test_bank_save_load_round_trip(tmp_path):
