@@ -13,8 +13,10 @@ so the step can run on fixed buffers instead (``StaticStep``):
   frame costs one launch and no host sync (a KL VAE samples its latent on the CPU, so it
   encodes outside the graph);
 - with ``compile`` the UNet (bank reads and updates included, traced in the same graph) and
-  TAESD are compiled by ``torch.compile`` (Inductor's fused kernels) before capture. Compiled
-  kernels are cached on disk by Inductor, so a restart pays only the tracing;
+  TAESD are compiled by ``torch.compile`` (Inductor's fused kernels) before capture, and each
+  layer's bank update runs beside the rest of the frame on a stream of its own
+  (``bank.dyme_update``). Compiled kernels are cached on disk by Inductor, so a restart pays
+  only the tracing;
 - what is the same for every frame is computed once: the prompt's cross-attention keys and
   values (refilled in place when the prompt changes) and every ResNet's time embedding (the
   timesteps are fixed). On the GPU, self-attention's q, k, v come from one matrix product and
@@ -122,10 +124,6 @@ class StaticStep:
         self.generation: int | None = None
         self.state: dict[str, torch.Tensor] = {}
         self._pool = None
-        # Graphs are captured on a stream of high priority: PyTorch instantiates them with
-        # their nodes' priorities, so the frame's kernels go first where the bank update
-        # running beside them (``dyme_update``) competes for the GPU.
-        self._stream: torch.cuda.Stream | None = None
         model = stream.model
         if mode != "static":
             prepare_model(model)
@@ -288,10 +286,7 @@ class StaticStep:
             graph.register_generator_state(bank.generator)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        if self._stream is None:  # see __init__
-            self._stream = torch.cuda.Stream(device=self.input.device, priority=-1)
-        capture = torch.cuda.graph(graph, pool=self._pool, stream=self._stream)
-        with _cudnn_tuned(), bank.step_as(updating), capture:
+        with _cudnn_tuned(), bank.step_as(updating), torch.cuda.graph(graph, pool=self._pool):
             self._body()
         self.graphs[updating] = graph
         return graph

@@ -152,7 +152,7 @@ def _merge_in_place(
 
 @functools.cache
 def _update_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream a device's bank updates run on (default priority: below the frame's)."""
+    """The stream a device's bank updates run on."""
     return torch.cuda.Stream(device=device)
 
 
