@@ -167,6 +167,22 @@ def _compiled_merge() -> Callable[..., None]:
 _running: dict[torch.device, torch.cuda.Stream] = {}
 
 
+@torch.library.custom_op("streamv2v::fill_room", mutates_args=("joint",))
+def fill_room(joint: torch.Tensor, x: torch.Tensor) -> None:
+    """The frame's tokens into the room in front of a static bank's tokens.
+
+    An operator (in update frames) for ``dyme_update``'s sake: a room filled by a plain copy
+    may be a copy of the bank's tensor that is written back at the end of the graph, after the
+    merge read the room; writes by operators reach the tensor itself.
+    """
+    joint[:, : x.shape[1]].copy_(x)
+
+
+@fill_room.register_fake
+def _(joint, x) -> None:
+    return None
+
+
 @torch.library.custom_op("streamv2v::dyme_update", mutates_args=("draws",))
 def dyme_update(
     keys: torch.Tensor,
@@ -192,7 +208,7 @@ def dyme_update(
     """
     lead = frame[0].shape[1]
     for joint, x in zip((keys, values, outputs)[3 - len(frame) :], frame):
-        joint[:, :lead].copy_(x)
+        fill_room(joint, x)
     if keys.device.type != "cuda":
         _merge_in_place(keys, values, outputs, draws, ratio, lead, fused)
         return
@@ -205,22 +221,6 @@ def dyme_update(
 
 @dyme_update.register_fake
 def _(keys, values, outputs, frame, after, draws, ratio, fused) -> None:
-    return None
-
-
-@torch.library.custom_op("streamv2v::fill_room", mutates_args=("joint",))
-def fill_room(joint: torch.Tensor, x: torch.Tensor) -> None:
-    """The frame's tokens into the room in front of a static bank's tokens (update frames).
-
-    An operator for ``dyme_update``'s sake: a room filled by a plain copy may be a copy of the
-    bank's tensor that is written back at the end of the graph, after the merge read the room;
-    writes by operators reach the tensor itself.
-    """
-    joint[:, : x.shape[1]].copy_(x)
-
-
-@fill_room.register_fake
-def _(joint, x) -> None:
     return None
 
 
@@ -603,30 +603,24 @@ class FeatureBank:
             merged = tuple(
                 torch.cat([old[:, tokens:], x], dim=1) for old, x in zip(entries.tensors(), new)
             )
-        else:
-            if entries.lead:  # the frame into the room in front: [frame | bank], no copies
-                # With extended attention the processor has attended (``extended``) before
-                # recording, which put this frame's K, V there already: only O is new.
-                written = 2 if self.config.extended_attention else 0
-                if self.aside:
-                    draws = self._draws[layer]
-                    ratio, fused = self.config.merge_ratio, self._matcher is best_match
-                    dyme_update(*entries.joint, list(new[written:]), after, draws, ratio, fused)
-                    return
-                for joint, x in zip(entries.joint[written:], new[written:]):
-                    joint[:, : entries.lead].copy_(x)
-                token_sets = entries.joint
+        elif entries.lead:  # a static DyMe bank: the frame into the room, [frame | bank]
+            # With extended attention the processor has attended (``extended``) before
+            # recording, which put this frame's K, V there already: only O is new.
+            frame = list(new[2 if self.config.extended_attention else 0 :])
+            draws, ratio = self._draws[layer], self.config.merge_ratio
+            fused = self._matcher is best_match
+            if self.aside:
+                dyme_update(*entries.joint, frame, after, draws, ratio, fused)
             else:
-                token_sets = tuple(
-                    torch.cat([old, x], dim=1) for old, x in zip(entries.tensors(), new)
-                )
+                for joint, x in zip(entries.joint[3 - len(frame) :], frame):
+                    fill_room(joint, x)
+                _merge_in_place(*entries.joint, draws, ratio, entries.lead, fused)
+            return
+        else:
             merged = dyme_merge(
-                *token_sets,
+                *(torch.cat([old, x], dim=1) for old, x in zip(entries.tensors(), new)),
                 self.generator,
                 self.config.merge_ratio,
-                self._draws.get(layer),
-                self._matcher,
-                rolled=entries.lead,
             )
         if self.static:
             for old, x in zip(entries.tensors(), merged):
