@@ -7,7 +7,9 @@ measures a real model instead; the test suite uses that with a tiny model on the
     python -m streamv2v.bench --device cuda --sizes 512 --banks none,dyme --steps 1,4
 
 Each row starts a new stream; "first s" is the time from creating it to its first output
-frame, which includes compiling when the row is the first at its size and step count.
+frame, which includes compiling when the row is the first at its size and step count; "vs
+none" is what the bank costs over the row without one (same mode, steps and size), the figure a
+bank's overhead is judged by.
 ``--profile N`` then shows where a row's time goes: torch.profiler's table of the kernels (or,
 on a CPU, the operations) of N more frames and, on the fast path, each CUDA graph's replay
 time (frames that update the bank against frames that only read it).
@@ -176,13 +178,17 @@ def table(results: list[Result], device: str, model: str, dtype: torch.dtype) ->
         f"model: {model}",
         "",
         f"{'accel':<8} {'bank':<6} {'steps':>5} {'size':>6} {'ms/frame':>9} {'FPS':>8} "
-        f"{'peak MiB':>9} {'first s':>8}",
+        f"{'peak MiB':>9} {'first s':>8} {'vs none':>8}",
     ]
+    # A bank's cost is read against the same configuration without one, when it was measured.
+    plain = {(r.accel, r.steps, r.size): r.ms_per_frame for r in results if r.bank == "none"}
     for r in results:
         peak = f"{r.peak_mib:9.0f}" if r.peak_mib is not None else f"{'-':>9}"
+        base = plain.get((r.accel, r.steps, r.size))
+        extra = f"{r.ms_per_frame / base - 1:+8.1%}" if base and r.bank != "none" else f"{'-':>8}"
         lines.append(
             f"{r.accel:<8} {r.bank:<6} {r.steps:>5} {r.size:>6} {r.ms_per_frame:9.2f} "
-            f"{r.fps:8.1f} {peak} {r.first_s:8.1f}"
+            f"{r.fps:8.1f} {peak} {r.first_s:8.1f} {extra}"
         )
     for r in results:
         if r.profile:

@@ -13,15 +13,32 @@ def test_bench_reports_every_configuration(tiny_diffusers_dir, tiny_taesd_dir, c
     out = capsys.readouterr().out
     assert "torch " in out and "cpu" in out
     rows = re.findall(
-        r"^(off|static)\s+(none|queue|dyme)\s+(\d)\s+32\s+([\d.]+)\s+([\d.]+)\s+-\s+([\d.]+)$",
+        r"^(off|static)\s+(none|queue|dyme)\s+(\d)\s+32\s+([\d.]+)\s+([\d.]+)\s+-\s+([\d.]+)"
+        r"\s+(-|[+-][\d.]+%)$",
         out,
         re.M,
     )
     assert sorted(row[:3] for row in rows) == sorted(
         (a, b, s) for a in ("off", "static") for b in ("none", "queue", "dyme") for s in ("1", "2")
     )
-    for *_, ms, fps, first in rows:
+    ms_of = {row[:3]: float(row[3]) for row in rows}
+    for accel, bank, steps, ms, fps, first, extra in rows:
         assert float(ms) > 0 and abs(float(fps) - 1000 / float(ms)) < 0.2 and float(first) >= 0
+        if bank == "none":
+            assert extra == "-"
+        else:  # the bank's cost against the same accel, steps and size without one
+            expected = 100 * (float(ms) / ms_of[accel, "none", steps] - 1)
+            assert abs(float(extra.rstrip("%")) - expected) < 0.1 + 100 * 0.01 / float(ms)
+
+
+def test_bench_leaves_the_bank_cost_blank_without_a_row_to_compare(
+    tiny_diffusers_dir, tiny_taesd_dir, capsys
+):
+    argv = ["--model", str(tiny_diffusers_dir), "--vae", str(tiny_taesd_dir), "--device", "cpu"]
+    argv += ["--sizes", "32", "--steps", "1", "--banks", "dyme", "--accel", "off"]
+    assert main([*argv, "--frames", "1", "--warmup", "1"]) == 0
+    row = re.search(r"^off\s+dyme\s.*$", capsys.readouterr().out, re.M).group(0)
+    assert row.split()[-1] == "-"
 
 
 def test_bench_profiles_where_the_time_goes(tiny_diffusers_dir, tiny_taesd_dir, capsys):
