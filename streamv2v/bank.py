@@ -164,7 +164,7 @@ def _compiled_merge() -> Callable[..., None]:
     return torch.compile(_merge_in_place, dynamic=False, options=options)
 
 
-_running: dict[torch.device, torch.cuda.Stream] = {}
+_running: set[torch.device] = set()  # devices whose update stream has work to join
 
 
 @torch.library.custom_op("streamv2v::fill_room", mutates_args=("joint",))
@@ -193,8 +193,10 @@ def dyme_update(
     draws: torch.Tensor,
     ratio: float,
     fused: bool,
+    aside: bool,
 ) -> None:
-    """A static bank's DyMe update of one layer, in place; on CUDA, beside the frame.
+    """A static bank's DyMe update of one layer, in place; with ``aside`` on CUDA, beside
+    the frame.
 
     ``keys``, ``values``, ``outputs`` are the layer's joint ``[room | bank]`` tensors and
     ``frame`` the frame's tokens still to be put in the room (O, or K, V, O without extended
@@ -204,31 +206,32 @@ def dyme_update(
     that back once the operator returns, while the merge may still be running beside the
     frame. ``after`` (the layer's result) orders the call after every read of this layer's
     bank in the frame; within the frame nothing reads it afterwards, and the next frame waits
-    for the merge (``join_updates``). On a CPU it merges at once.
+    for the merge (``join_updates``). Otherwise, and on a CPU, it merges at once.
     """
     lead = frame[0].shape[1]
     for joint, x in zip((keys, values, outputs)[3 - len(frame) :], frame):
         fill_room(joint, x)
-    if keys.device.type != "cuda":
+    if not aside or keys.device.type != "cuda":
         _merge_in_place(keys, values, outputs, draws, ratio, lead, fused)
         return
     side = _update_stream(keys.device)
     side.wait_stream(torch.cuda.current_stream(keys.device))
     with torch.cuda.stream(side):
         _compiled_merge()(keys, values, outputs, draws, ratio, lead, fused)
-    _running[keys.device] = side
+    _running.add(keys.device)
 
 
 @dyme_update.register_fake
-def _(keys, values, outputs, frame, after, draws, ratio, fused) -> None:
+def _(keys, values, outputs, frame, after, draws, ratio, fused, aside) -> None:
     return None
 
 
 def join_updates(device: torch.device) -> None:
     """Make the current stream wait for the bank updates started beside it on ``device``."""
-    side = _running.pop(torch.device(device), None)
-    if side is not None:
-        torch.cuda.current_stream(device).wait_stream(side)
+    device = torch.device(device)
+    if device in _running:
+        _running.discard(device)
+        torch.cuda.current_stream(device).wait_stream(_update_stream(device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +589,6 @@ class FeatureBank:
         """
         if not self._updating:
             return
-        after = outputs if after is None else after
         entries = self.layers.get(layer)
         new = (keys, values, outputs)
         if entries is None:
@@ -606,15 +608,15 @@ class FeatureBank:
         elif entries.lead:  # a static DyMe bank: the frame into the room, [frame | bank]
             # With extended attention the processor has attended (``extended``) before
             # recording, which put this frame's K, V there already: only O is new.
-            frame = list(new[2 if self.config.extended_attention else 0 :])
-            draws, ratio = self._draws[layer], self.config.merge_ratio
-            fused = self._matcher is best_match
-            if self.aside:
-                dyme_update(*entries.joint, frame, after, draws, ratio, fused)
-            else:
-                for joint, x in zip(entries.joint[3 - len(frame) :], frame):
-                    fill_room(joint, x)
-                _merge_in_place(*entries.joint, draws, ratio, entries.lead, fused)
+            dyme_update(
+                *entries.joint,
+                list(new[2 if self.config.extended_attention else 0 :]),
+                outputs if after is None else after,
+                self._draws[layer],
+                self.config.merge_ratio,
+                self._matcher is best_match,
+                self.aside,
+            )
             return
         else:
             merged = dyme_merge(
