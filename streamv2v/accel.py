@@ -28,6 +28,7 @@ reference: the fast path's output equals it within fp16 rounding (tested).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
@@ -41,12 +42,14 @@ from .attention import (
     project_context,
 )
 from .bank import join_updates, self_attention_layers
-from .errors import StreamV2VError
+from .errors import StreamV2VError, describe_failure
 from .modes import ACCEL_MODES
 
 if TYPE_CHECKING:
     from .loading import StreamModel
     from .stream import StreamV2V
+
+log = logging.getLogger(__name__)
 
 # State the step reads and rewrites; kept in fixed tensors while the fast path runs.
 STATE_FIELDS = ("_buffer", "_stock_noise", "_init_noise", "_embeds")
@@ -127,24 +130,11 @@ class StaticStep:
         model = stream.model
         if mode != "static":
             prepare_model(model)
-        compile_ = mode == "compile"
         unet = model.pipe.unet
-        self.unet = _compiled(model, "unet", unet) if compile_ else unet
-        vae = model.pipe.vae
         # TAESD's encode/decode are its encoder/decoder modules (no sampling, no RNG), so
         # they join the graph; a KL VAE samples its latent on the CPU, so it encodes outside.
         self.encode_inside = model.vae_kind == "taesd"
-        if self.encode_inside:
-            scale = vae.config.scaling_factor
-            encoder, decoder = taesd_functions(vae, fused=mode != "static")
-            if compile_:
-                encoder = _compiled(model, "taesd_encoder", encoder)
-                decoder = _compiled(model, "taesd_decoder", decoder)
-            self._encode = lambda x: encoder(x) * scale
-            self._decode = lambda z: decoder(z / scale)
-        else:
-            self._encode = stream._encode
-            self._decode = stream._decode
+        self._use_functions(mode)
         self.input: torch.Tensor | None = None  # frame (TAESD) or latent (KL VAE)
         self.image: torch.Tensor | None = None
         self.time_embeddings: dict[str, torch.Tensor] | None = None
@@ -165,6 +155,24 @@ class StaticStep:
                 stream._kernel, self.context, layer
             )
         self.processors = processors
+
+    def _use_functions(self, mode: str) -> None:
+        """The UNet and TAESD as ``mode`` runs them: compiled, or as they are."""
+        s, model = self.stream, self.stream.model
+        compile_ = mode == "compile"
+        unet = model.pipe.unet
+        self.unet = _compiled(model, "unet", unet) if compile_ else unet
+        if not self.encode_inside:
+            self._encode, self._decode = s._encode, s._decode
+            return
+        vae = model.pipe.vae
+        scale = vae.config.scaling_factor
+        encoder, decoder = taesd_functions(vae, fused=mode != "static")
+        if compile_:
+            encoder = _compiled(model, "taesd_encoder", encoder)
+            decoder = _compiled(model, "taesd_decoder", decoder)
+        self._encode = lambda x: encoder(x) * scale
+        self._decode = lambda z: decoder(z / scale)
 
     def ready(self) -> bool:
         """Whether the stream is primed and its bank full, i.e. every shape is final."""
@@ -269,16 +277,16 @@ class StaticStep:
                 "later runs"
             )
         saved = {name: t.clone() for name, t in self.state.items()}, bank.snapshot()
-        side = torch.cuda.Stream(device=self.input.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), _cudnn_tuned(), bank.step_as(updating):
-            for _ in range(WARMUP_CALLS):
-                self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        tensors, bank_state = saved
-        for name, t in tensors.items():
-            self.state[name].copy_(t)
-        bank.restore(bank_state)
+        try:
+            self._warm_up(updating)
+        except Exception as exc:
+            if self.mode != "compile" or isinstance(exc, (torch.OutOfMemoryError, StreamV2VError)):
+                raise
+            self._restore(saved)
+            self._stop_compiling(exc)
+            self._warm_up(updating)  # what fails here too was not the compiler's: raised
+            s.model.accelerated["compile_failed"] = s.accel_note  # later streams skip it
+        self._restore(saved)
         s.model.accelerated[variant] = True
 
         graph = torch.cuda.CUDAGraph()
@@ -290,6 +298,47 @@ class StaticStep:
             self._body()
         self.graphs[updating] = graph
         return graph
+
+    def _warm_up(self, updating: bool) -> None:
+        side = torch.cuda.Stream(device=self.input.device)
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side), _cudnn_tuned(), self.stream.bank.step_as(updating):
+                for _ in range(WARMUP_CALLS):
+                    self._body()
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
+
+    def _restore(self, saved: tuple[dict[str, torch.Tensor], tuple]) -> None:
+        tensors, bank_state = saved
+        for name, t in tensors.items():
+            self.state[name].copy_(t)
+        self.stream.bank.restore(bank_state)
+
+    def _stop_compiling(self, exc: Exception) -> None:
+        """Carry on with CUDA graphs of the uncompiled model when compiling fails here.
+
+        What fails is the machine's, not the user's settings: Triton builds its launcher with a
+        C compiler that slim images lack, and a Triton that does not match PyTorch fails to
+        build kernels. The stream runs uncompiled and says why (and once that works, later
+        streams of this model skip the attempt); a failure that is not the compiler's fails
+        again uncompiled and is raised then.
+        """
+        s, bank = self.stream, self.stream.bank
+        why = (
+            f"compiling the model failed here ({describe_failure(exc)}): running uncompiled with "
+            "CUDA graphs, which is slower; fix the cause (Triton needs a C compiler and a "
+            "version matching this PyTorch) or set acceleration to 'graphs' to skip the attempt"
+        )
+        log.warning("%s", why)
+        log.debug("what compiling raised", exc_info=exc)
+        s.accel, s.accel_note = "graphs", why
+        self.mode = "graphs"
+        self._use_functions(self.mode)
+        bank.make_static(aside=False)  # a DyMe merge beside the frame is compiled on its own
+        self.graphs.clear()
+        self.generation = bank.generation
+        s.status(why)
 
 
 def fused_projections(model: StreamModel) -> dict[str, FusedProjection]:

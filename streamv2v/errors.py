@@ -3,8 +3,17 @@
 Every check at an entry point (CLI argument, node widget, engine call) raises
 ``StreamV2VError`` with a message that names the offending input and says how to fix
 it. Front ends (the CLI, the ComfyUI nodes) print its message as-is instead of a trace.
+A failure of the machine rather than of the input (a compiler that cannot run) is worked
+around where possible, and ``describe_failure`` puts its cause in the message that says so.
 """
 
 
 class StreamV2VError(ValueError):
     """A mistake in what the user gave us, explained in one line with its fix."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The root of a compiler's failure in one line (torch.compile wraps it in pages)."""
+    root = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+    lines = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {lines[0][:200] if lines else 'no message'}"

@@ -16,9 +16,14 @@ order.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+
+from .errors import describe_failure
+
+log = logging.getLogger(__name__)
 
 
 def best_match_reference(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -26,13 +31,40 @@ def best_match_reference(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return (src @ dst.transpose(-1, -2)).argmax(dim=-1)
 
 
-def triton_usable(device: torch.device) -> bool:
-    """Whether ``best_match`` runs fused on ``device`` (CUDA with Triton installed)."""
-    if torch.device(device).type != "cuda":
+def triton_usable(device: torch.device | str) -> bool:
+    """Whether ``best_match`` runs fused on ``device``: CUDA, Triton installed, and a kernel
+    builds and runs there.
+
+    Triton builds its launcher with the system's C compiler, which slim images lack: there the
+    matching must stay the reference rather than fail in the first frame that updates the bank.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
         return False
     from torch.utils._triton import has_triton
 
-    return has_triton()
+    if not has_triton():
+        return False
+    if device.index is None:  # one answer per GPU, however it is named
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _triton_runs(device)
+
+
+@functools.cache
+def _triton_runs(device: torch.device) -> bool:
+    """Build and run the kernel once on a tiny input (one configuration, no tuning)."""
+    try:
+        src = torch.randn(1, 8, 16, device=device)
+        best_match_triton(src, src, {"BLOCK_M": 32, "BLOCK_N": 32}).cpu()  # waits for it
+    except Exception as exc:  # Triton and its compiler raise many types; any means unusable
+        log.warning(
+            "Triton is installed but cannot run kernels on %s (%s): DyMe's matching uses the "
+            "matrix product and argmax instead",
+            device,
+            describe_failure(exc),
+        )
+        return False
+    return True
 
 
 # Similarity matrices smaller than this are matched by cuBLAS and ATen's argmax, which were
@@ -55,8 +87,11 @@ def _(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return src.new_empty(src.shape[:-1], dtype=torch.long)
 
 
-def best_match_triton(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """The Triton kernel's launch; also runs under ``TRITON_INTERPRET=1`` on CPU tensors."""
+def best_match_triton(
+    src: torch.Tensor, dst: torch.Tensor, config: dict[str, int] | None = None
+) -> torch.Tensor:
+    """The Triton kernel's launch, tuned per shape unless ``config`` fixes its tiles; also
+    runs under ``TRITON_INTERPRET=1`` on CPU tensors (the interpreter cannot time tiles)."""
     import triton
 
     rows, n_src, dim = src.shape
@@ -69,8 +104,10 @@ def best_match_triton(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         return triton.cdiv(n_src, meta["BLOCK_M"]), rows
 
     args = (src, dst, out, n_src, n_dst, dim, src.stride(0), dst.stride(0))
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot time configurations
-        _kernel().fn[grid](*args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=block_k)
+    if config is None and os.environ.get("TRITON_INTERPRET") == "1":
+        config = {"BLOCK_M": 32, "BLOCK_N": 32}
+    if config is not None:
+        _kernel().fn[grid](*args, **config, BLOCK_K=block_k)
     else:
         _kernel()[grid](*args, BLOCK_K=block_k)
     return out

@@ -200,8 +200,6 @@ class Session:
         try:
             stream = self._stream_for(model, config, bank_config, each_run, accel)
             stream.on_status = on_status
-            if stream.accel_note:
-                self.notes.append(stream.accel_note)
             if (prompt, negative_prompt) != (stream.prompt, stream.negative_prompt):
                 stream.set_prompt(prompt, negative_prompt)
             if count == 1:
@@ -210,6 +208,8 @@ class Session:
                     on_frame(1, 1, outputs[-1])
             else:
                 outputs = self._batch(stream, frames, each_run, on_frame)
+            if stream.accel_note:  # read after the frames: compiling may have failed on them
+                self.notes.append(stream.accel_note)
         except BaseException as exc:
             self.bank, self.stream, self.key, checkpoint = saved
             if self.stream is not None:

@@ -218,6 +218,8 @@ class StreamV2V:
         self._check_bank_layers(self.bank_layers)
         self.on_status = on_status
         self.accel, self.accel_note = resolve_accel(accel, self.device)
+        if self.accel == "compile" and "compile_failed" in model.accelerated:  # StaticStep's
+            self.accel, self.accel_note = "graphs", model.accelerated["compile_failed"]
         if self.accel_note:
             log.info(self.accel_note)  # callers show it: accel_note
 

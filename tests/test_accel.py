@@ -106,6 +106,39 @@ def test_fast_path_equals_plain_path(tiny_model, tiny_model_taesd, bank, config,
         assert_frames_close(got, want, accel)
 
 
+@GPU
+def test_a_compile_that_fails_falls_back_to_graphs_and_says_why(tiny_model_taesd):
+    """What a machine without a C compiler meets: Inductor's kernels cannot be built. The stream
+    goes on with CUDA graphs of the uncompiled model, says why, and later streams of the model
+    skip the attempt."""
+    model = on_device(tiny_model_taesd, "compile")
+    cause = RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    def cannot_compile(*args, **kwargs):
+        raise RuntimeError("backend='inductor' raised:\n(pages)") from cause
+
+    for name in ("unet", "taesd_encoder", "taesd_decoder"):  # what _compiled hands out
+        model.accelerated[name] = cannot_compile
+    frames = video(14)
+    want, _ = run(model, "off", BANKS["dyme"], frames)
+    said = []
+    stream = StreamV2V(
+        model,
+        StreamConfig(),
+        BANKS["dyme"],
+        "a watercolor painting",
+        accel="compile",
+        on_status=said.append,
+    )
+    got = list(stream.process(frames))
+    assert stream.accel == "graphs" and stream.accel_note in said
+    assert "(RuntimeError: Failed to find C compiler." in stream.accel_note
+    assert set(stream._fast.graphs) == {False, True} and not stream.bank.aside
+    assert_frames_close(got, want, "graphs")
+    again = StreamV2V(model, StreamConfig(), BANKS["dyme"], accel="compile")
+    assert again.accel == "graphs" and again.accel_note == stream.accel_note
+
+
 @pytest.mark.parametrize("accel", ACCELS)
 def test_fast_path_survives_rollback_reset_and_prompt_change(tiny_model, tiny_model_taesd, accel):
     frames = video(16)

@@ -34,7 +34,7 @@ def test_the_kernel_finds_the_first_best_match_in_the_interpreter():
     script = textwrap.dedent(
         """
         import torch
-        from streamv2v.kernels import best_match_triton, best_match_reference
+        from streamv2v.kernels import _triton_runs, best_match_triton, best_match_reference
         from tests.test_kernels import exact_inputs
         shapes = [(2, 100, 77, 32), (1, 130, 200, 48), (3, 64, 64, 64), (2, 33, 129, 80)]
         for dtype in (torch.float16, torch.float32):
@@ -42,6 +42,7 @@ def test_the_kernel_finds_the_first_best_match_in_the_interpreter():
                 src, dst = exact_inputs(*shape, dtype, seed)
                 got, want = best_match_triton(src, dst), best_match_reference(src, dst)
                 assert got.dtype == torch.long and torch.equal(got, want), (dtype, shape)
+        assert _triton_runs.__wrapped__(torch.device("cpu"))  # the probe, with its fixed tiles
         print("ok")
         """
     )
@@ -60,6 +61,34 @@ def test_the_operator_is_the_reference_off_the_gpu_and_compiles():
     assert torch.equal(best_match(src, dst), want)
     compiled = torch.compile(lambda a, b: best_match(a, b) + 1, backend="aot_eager")
     assert torch.equal(compiled(src, dst), want + 1)
+
+
+def test_a_triton_that_cannot_build_kernels_leaves_the_reference_matching(monkeypatch, caplog):
+    """Triton builds its launcher with the system's C compiler: without one (slim images), the
+    probe's failure, not the first frame that updates the bank, is where it shows."""
+    import streamv2v.kernels as kernels
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(kernels, "best_match_triton", no_compiler)
+    with caplog.at_level("WARNING", logger="streamv2v.kernels"):
+        assert not kernels._triton_runs.__wrapped__(torch.device("cpu"))
+    assert "cannot run kernels on cpu (RuntimeError: Failed to find C compiler." in caplog.text
+    assert "matrix product and argmax instead" in caplog.text
+
+
+def test_describe_failure_gives_the_root_in_one_line():
+    from streamv2v.errors import describe_failure
+
+    root = RuntimeError("Failed to find C compiler.\nmore lines")
+    wrapped = RuntimeError("backend='inductor' raised:\n...")
+    wrapped.__cause__ = root
+    assert describe_failure(wrapped) == "RuntimeError: Failed to find C compiler."
+    inner = type("BackendCompilerFailed", (Exception,), {})("pages of context")
+    inner.inner_exception = ImportError("no module named triton.backends")
+    assert describe_failure(inner) == "ImportError: no module named triton.backends"
+    assert describe_failure(ValueError()) == "ValueError: no message"
 
 
 def test_a_static_bank_off_the_gpu_keeps_the_reference_matching():
