@@ -12,6 +12,14 @@ ComfyUI import. Typical use::
         ...
 """
 
+import torch
+
+if not hasattr(torch.library, "custom_op"):  # the bank's and the kernel's operators are ones
+    raise ImportError(
+        f"ComfyUI-StreamV2V needs PyTorch 2.4 or newer, and this Python has torch "
+        f"{torch.__version__}: update PyTorch (for ComfyUI, update ComfyUI and its requirements)"
+    )
+
 from .bank import BankConfig, FeatureBank
 from .errors import StreamV2VError
 from .loading import LoraSpec, StreamModel, load_model

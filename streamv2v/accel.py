@@ -99,7 +99,8 @@ def _compiled(model: StreamModel, name: str, module: Callable) -> Callable:
         import torch._dynamo
 
         config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        # ``cache_size_limit``: PyTorch before 2.7 knows only this name for it
+        config.cache_size_limit = max(config.cache_size_limit, RECOMPILE_LIMIT)
         cache[name] = torch.compile(module, dynamic=False)
     return cache[name]
 
@@ -280,7 +281,9 @@ class StaticStep:
         try:
             self._warm_up(updating)
         except Exception as exc:
-            if self.mode != "compile" or isinstance(exc, (torch.OutOfMemoryError, StreamV2VError)):
+            if self.mode != "compile" or isinstance(
+                exc, (torch.cuda.OutOfMemoryError, StreamV2VError)
+            ):
                 raise
             self._restore(saved)
             self._stop_compiling(exc)

@@ -214,7 +214,7 @@ class Session:
             self.bank, self.stream, self.key, checkpoint = saved
             if self.stream is not None:
                 self.stream.rollback(checkpoint)
-            if isinstance(exc, torch.OutOfMemoryError):
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
                 h, w = frames[0].shape[:2]
                 raise StreamV2VError(
                     f"{w}x{h} frames at {len(config.timestep_indices)} steps do not fit in "

@@ -185,3 +185,16 @@ def test_engine_imports_only_declared_dependencies() -> None:
     allowed = provided | comfyui_provides | {"streamv2v"} | set(sys.stdlib_module_names)
     imported = set().union(*(imported_modules(p) for p in (ROOT / "streamv2v").rglob("*.py")))
     assert not imported - allowed
+
+
+def test_a_torch_too_old_for_the_engine_is_named_at_import() -> None:
+    """The bank's operators need ``torch.library.custom_op`` (PyTorch 2.4): without it, the
+    import says which PyTorch is there and what to do, rather than failing on an attribute."""
+    script = "import torch; del torch.library.custom_op; import streamv2v"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ComfyUI-StreamV2V needs PyTorch 2.4 or newer")
+    assert f"has torch {importlib.metadata.version('torch')}" in last
