@@ -89,7 +89,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_ACCEL,
         help="on an NVIDIA GPU: compile (torch.compile + CUDA graphs, fastest; the first run at "
         "a size compiles for about a minute, cached on disk), graphs (CUDA graphs only, starts "
-        "in seconds) or off (plain PyTorch); elsewhere plain PyTorch runs (default: compile)",
+        "in seconds) or off (plain PyTorch); elsewhere plain PyTorch runs, and where compiling "
+        "fails, CUDA graphs (default: compile)",
     )
 
 
