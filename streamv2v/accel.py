@@ -191,9 +191,8 @@ class StaticStep:
             self._project_context()
         source = x if self.encode_inside else s._encode(x)
         self.input.copy_(source)
-        if self.mode != "static" and bank.generation != self.generation:
-            self.graphs.clear()
-            self.generation = bank.generation
+        if self.mode != "static":
+            self._drop_stale_graphs()
         updating = bank.begin_step()
         try:
             if self.mode == "static":
@@ -339,9 +338,15 @@ class StaticStep:
         self.mode = "graphs"
         self._use_functions(self.mode)
         bank.make_static(aside=False)  # a DyMe merge beside the frame is compiled on its own
-        self.graphs.clear()
-        self.generation = bank.generation
+        self._drop_stale_graphs()
         s.status(why)
+
+    def _drop_stale_graphs(self) -> None:
+        """Forget graphs captured before the bank's tensors were replaced or its mode changed."""
+        bank = self.stream.bank
+        if bank.generation != self.generation:
+            self.graphs.clear()
+            self.generation = bank.generation
 
 
 def fused_projections(model: StreamModel) -> dict[str, FusedProjection]:

@@ -12,8 +12,15 @@ class StreamV2VError(ValueError):
     """A mistake in what the user gave us, explained in one line with its fix."""
 
 
+def one_line(exc: BaseException, text: str | None = None) -> str:
+    """A library's error as ``Type: message`` on one line, for a message of ours that quotes
+    it; ``text`` replaces the message when only part of it says anything."""
+    text = " ".join((str(exc) if text is None else text).split())
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
 def describe_failure(exc: BaseException) -> str:
     """The root of a compiler's failure in one line (torch.compile wraps it in pages)."""
     root = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
     lines = str(root).strip().splitlines()
-    return f"{type(root).__name__}: {lines[0][:200] if lines else 'no message'}"
+    return one_line(root, lines[0] if lines else "no message")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import StreamV2VError
+from .errors import StreamV2VError, one_line
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -397,7 +397,7 @@ def _load_diffusers_folder(folder: Path, dtype: torch.dtype, load_vae: bool):
         scheduler_config = PNDMScheduler.load_config(str(folder), subfolder="scheduler")
     except Exception as exc:  # diffusers/transformers/safetensors raise many types here
         raise StreamV2VError(
-            f"diffusers folder {str(folder)!r} could not be loaded ({_short(exc)}); it is "
+            f"diffusers folder {str(folder)!r} could not be loaded ({one_line(exc)}); it is "
             "damaged or incomplete, download it again"
         ) from None
     scheduler = LCMScheduler.from_config(scheduler_config)
@@ -440,15 +440,10 @@ def _load_single_file(path: Path, dtype: torch.dtype, config_dir: Path):
     except Exception as exc:  # diffusers raises many types on shape/key mismatches
         raise StreamV2VError(
             f"model file {str(path)!r} could not be built as SD1.5 with the configs in "
-            f"{str(config_dir)!r} ({_short(exc)}); is it an SD1.5 checkpoint?"
+            f"{str(config_dir)!r} ({one_line(exc)}); is it an SD1.5 checkpoint?"
         ) from None
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     return pipe
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}"
 
 
 # --- LoRAs ------------------------------------------------------------------------------------
@@ -489,7 +484,7 @@ def _apply_loras(pipe, loras: Sequence[tuple[LoraSpec, str]]) -> None:
                 pipe.load_lora_weights(_load_pickle_tensors(path, what), adapter_name=name)
         except Exception as exc:  # diffusers/peft raise many types on mismatched LoRAs
             raise StreamV2VError(
-                f"{what} {str(path)!r} does not fit this model ({_short(exc)}); use an SD1.5 LoRA"
+                f"{what} {str(path)!r} does not fit this model ({one_line(exc)}); use an SD1.5 LoRA"
             ) from None
         loaded = {a for adapters in pipe.get_list_adapters().values() for a in adapters}
         if name not in loaded:
@@ -600,7 +595,7 @@ def _load_taesd_original(encoder_path: Path, decoder_path: Path, dtype: torch.dt
     except (KeyError, ValueError, RuntimeError, IndexError) as exc:
         raise StreamV2VError(
             f"TAESD files {str(encoder_path)!r} + {str(decoder_path)!r} do not form a TAESD "
-            f"({_short(exc)}); use taesd_encoder/taesd_decoder from madebyollin/taesd"
+            f"({one_line(exc)}); use taesd_encoder/taesd_decoder from madebyollin/taesd"
         ) from None
     if latent_channels != 4:
         raise StreamV2VError(
@@ -645,7 +640,7 @@ def _load_vae(spec: str | Path, dtype: torch.dtype, config_dir: Path):
             )
         except Exception as exc:  # diffusers/safetensors raise many types here
             raise StreamV2VError(
-                f"VAE folder {str(path)!r} could not be loaded ({_short(exc)}); download it again"
+                f"VAE folder {str(path)!r} could not be loaded ({one_line(exc)}); download it again"
             ) from None
         if vae.config.latent_channels != 4:
             raise StreamV2VError(
@@ -687,7 +682,7 @@ def _load_vae(spec: str | Path, dtype: torch.dtype, config_dir: Path):
         )
     except Exception as exc:  # diffusers raises many types on key/shape mismatches
         raise StreamV2VError(
-            f"VAE file {str(path)!r} could not be loaded as an SD1.5 VAE ({_short(exc)})"
+            f"VAE file {str(path)!r} could not be loaded as an SD1.5 VAE ({one_line(exc)})"
         ) from None
     return vae.eval(), "kl", f"AutoencoderKL ({path.name})"
 

@@ -38,7 +38,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .errors import StreamV2VError
+from .errors import StreamV2VError, one_line
 from .frames import to_rgb
 
 SCALE = "0..255"
@@ -179,9 +179,8 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and safetensors each raise their own types
-        reason = " ".join(str(exc).split())[:200]
         raise StreamV2VError(
-            f"RAFT weights {path.name!r} could not be read ({type(exc).__name__}: {reason}): "
+            f"RAFT weights {path.name!r} could not be read ({one_line(exc)}): "
             "give a torchvision RAFT state dict (.pth or .safetensors)"
         ) from None
 
