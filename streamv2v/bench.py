@@ -10,9 +10,11 @@ Each row starts a new stream; "first s" is the time from creating it to its firs
 frame, which includes compiling when the row is the first at its size and step count; "vs
 none" is what the bank costs over the row without one (same mode, steps and size), the figure a
 bank's overhead is judged by.
-``--profile N`` then shows where a row's time goes: torch.profiler's table of the kernels (or,
-on a CPU, the operations) of N more frames and, on the fast path, each CUDA graph's replay
-time (frames that update the bank against frames that only read it).
+``--profile N`` then shows where a row's time goes: on the fast path, each CUDA graph's replay
+time (frames that update the bank against frames that only read it) and its kernel time by
+kind (attention, convolution, matrix product, Inductor's fused kernels, DyMe's matching and
+sorts), then torch.profiler's table of the kernels (or, on a CPU, the operations) of N more
+frames.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ def where_time_goes(stream: StreamV2V, inputs: list[torch.Tensor], frames: int) 
     cuda = stream.device.type == "cuda"
     lines = []
     graphs = stream._fast.graphs if stream._fast is not None else {}
+    columns = {}
     for updating, graph in sorted(graphs.items()):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -150,6 +153,9 @@ def where_time_goes(stream: StreamV2V, inputs: list[torch.Tensor], frames: int) 
         end.synchronize()
         kind = "frames that update the bank" if updating else "frames that only read it"
         lines.append(f"graph replay, {kind}: {start.elapsed_time(end) / frames:.2f} ms")
+        columns["update" if updating else "read"] = _replayed_kernels(graph, frames)
+    if columns:
+        lines.append(kernel_time_by_kind(columns, frames))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for i in range(frames):
@@ -164,6 +170,81 @@ def where_time_goes(stream: StreamV2V, inputs: list[torch.Tensor], frames: int) 
         )
     )
     return "\n".join(lines)
+
+
+# What a GPU kernel does, from its name: the first kind with a matching mark wins. Inductor's
+# kernels come first, as their names list the operations they fuse ("convolution" for a
+# convolution's bias add, "sort" for what reads a sort's result).
+KERNEL_KINDS = (
+    ("Inductor's kernels (norms, element-wise)", ("triton_",)),
+    ("DyMe matching (Triton)", ("best_match",)),
+    ("attention", ("sdpa", "fmha", "flash", "attention")),
+    ("convolution", ("fprop", "conv", "nhwc")),
+    ("matrix product", ("gemm", "gemv", "nvjet", "cutlass")),
+    ("sort (DyMe's random split)", ("sort",)),
+    ("copy, fill", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """Which of ``KERNEL_KINDS`` a kernel named ``name`` belongs to ("other" if none)."""
+    lower = name.lower()
+    for kind, marks in KERNEL_KINDS:
+        if any(lower.startswith(mark) if mark == "triton_" else mark in lower for mark in marks):
+            return kind
+    return "other"
+
+
+def kernel_time_by_kind(columns: dict[str, list[tuple[str, float, int]]], frames: int) -> str:
+    """Per frame, the kernel time of each kind, one column per kind of frame.
+
+    ``columns`` maps a kind of frame to its kernels' (name, total us, launches) over
+    ``frames`` frames. Kernel time is not frame time: in frames that update the bank the
+    merges run on a stream of their own beside the UNet, so their kernels overlap.
+    """
+    kinds = [kind for kind, _ in KERNEL_KINDS] + ["other"]
+    sums = {
+        label: {
+            kind: sum(us for name, us, _ in kernels if kernel_kind(name) == kind) for kind in kinds
+        }
+        for label, kernels in columns.items()
+    }
+    width = max(map(len, kinds))
+    lines = [
+        "kernel time per frame by kind, ms (where the bank is updated, two streams overlap):",
+        f"{'':<{width}}" + "".join(f"{label:>9}" for label in columns),
+    ]
+    for kind in kinds:
+        if any(sums[label][kind] for label in columns):
+            lines.append(
+                f"{kind:<{width}}"
+                + "".join(f"{sums[label][kind] / frames / 1000:9.2f}" for label in columns)
+            )
+    lines.append(
+        f"{'all kernels':<{width}}"
+        + "".join(f"{sum(sums[label].values()) / frames / 1000:9.2f}" for label in columns)
+    )
+    lines.append(
+        f"{'kernels per frame':<{width}}"
+        + "".join(f"{sum(n for _, _, n in kernels) / frames:9.0f}" for kernels in columns.values())
+    )
+    return "\n".join(lines)
+
+
+def _replayed_kernels(graph: torch.cuda.CUDAGraph, frames: int) -> list[tuple[str, float, int]]:
+    """(name, total us, launches) of every kernel in ``frames`` replays of ``graph``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(frames):
+            graph.replay()
+        torch.cuda.synchronize()
+    return [
+        (event.key, event.self_device_time_total, event.count)
+        for event in prof.key_averages()
+        if event.device_type == DeviceType.CUDA
+    ]
 
 
 def describe_device(device: torch.device) -> str:

@@ -84,3 +84,58 @@ def test_node_bench_compares_the_node_with_the_engine(tiny_diffusers_dir, tiny_t
     engine_fps = float(re.search(r"^engine: [\d.]+ ms/frame = ([\d.]+) FPS$", out, re.M)[1])
     ratio = int(re.search(r"^node / engine: (\d+)%$", out, re.M)[1])
     assert node_fps > 0 and engine_fps > 0 and abs(ratio - 100 * node_fps / engine_fps) <= 1
+
+
+def test_kernels_are_sorted_by_what_they_do():
+    """Names as CUPTI reports them from the compiled step's graphs on an H200 (shortened)."""
+    from streamv2v.bench import kernel_kind
+
+    kinds = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64": "attention",
+        "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x192x64": (
+            "convolution"
+        ),
+        "void cutlass__5x_cudnn::Kernel<cutlass_tensorop_f16_s16816fprop_optimized_f16_64x64": (
+            "convolution"
+        ),
+        "void nhwcAddPaddingKernel<__half, __half, float, true>": "convolution",
+        "nvjet_sm90_hsh_168x128_64x5_1x2_h_bz_coopA_bias_TNN": "matrix product",
+        "triton_per_fused_add_clone_convolution_div_native_group_norm_silu_7": (
+            "Inductor's kernels (norms, element-wise)"
+        ),
+        "triton_poi_fused__to_copy_add_best_match_div_expand_gather_sort_unsqueeze_3": (
+            "Inductor's kernels (norms, element-wise)"
+        ),
+        "best_match_kernel": "DyMe matching (Triton)",
+        "void at_cuda_detail::cub::detail::radix_sort::DeviceRadixSortOnesweepKernel<": (
+            "sort (DyMe's random split)"
+        ),
+        "void at::native::radixSortKVInPlace<2, -1, 64, 32, float, long, unsigned int>": (
+            "sort (DyMe's random split)"
+        ),
+        "void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>": "copy, fill",
+        "memcpy32_post": "copy, fill",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<c10::Half, ArgMaxOps>": (
+            "other"
+        ),
+    }
+    assert {name: kernel_kind(name) for name in kinds} == kinds
+
+
+def test_kernel_time_is_summed_per_kind_and_frame():
+    from streamv2v.bench import kernel_time_by_kind
+
+    columns = {
+        "read": [("best_match_kernel", 0.0, 0), ("nvjet_sm90_x", 3000.0, 4), ("memset32", 8.0, 2)],
+        "update": [("best_match_kernel", 1000.0, 10), ("triton_poi_fused_x", 500.0, 20)],
+    }
+    lines = kernel_time_by_kind(columns, frames=2).splitlines()
+    rows = {label: numbers for label, *numbers in (line.rsplit(None, 2) for line in lines[2:])}
+    assert lines[1].split() == ["read", "update"]
+    assert rows["matrix product"] == ["1.50", "0.00"]
+    assert rows["DyMe matching (Triton)"] == ["0.00", "0.50"]
+    assert rows["Inductor's kernels (norms, element-wise)"] == ["0.00", "0.25"]
+    assert rows["copy, fill"] == ["0.00", "0.00"]  # 4 us per frame, shown to 0.01 ms
+    assert rows["all kernels"] == ["1.50", "0.75"]
+    assert rows["kernels per frame"] == ["3", "15"]
+    assert "attention" not in rows and "other" not in rows  # kinds no frame had are left out
