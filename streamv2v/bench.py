@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -172,27 +173,24 @@ def where_time_goes(stream: StreamV2V, inputs: list[torch.Tensor], frames: int) 
     return "\n".join(lines)
 
 
-# What a GPU kernel does, from its name: the first kind with a matching mark wins. Inductor's
+# What a GPU kernel does, from its name: the first kind whose pattern is found wins. Inductor's
 # kernels come first, as their names list the operations they fuse ("convolution" for a
 # convolution's bias add, "sort" for what reads a sort's result).
 KERNEL_KINDS = (
-    ("Inductor's kernels (norms, element-wise)", ("triton_",)),
-    ("DyMe matching (Triton)", ("best_match",)),
-    ("attention", ("sdpa", "fmha", "flash", "attention")),
-    ("convolution", ("fprop", "conv", "nhwc")),
-    ("matrix product", ("gemm", "gemv", "nvjet", "cutlass")),
-    ("sort (DyMe's random split)", ("sort",)),
-    ("copy, fill", ("memcpy", "memset", "copy", "fill")),
+    ("Inductor's kernels (norms, element-wise)", re.compile(r"^triton_")),
+    ("DyMe matching (Triton)", re.compile(r"best_match")),
+    ("attention", re.compile(r"sdpa|fmha|flash|attention")),
+    ("convolution", re.compile(r"fprop|conv|nhwc")),
+    ("matrix product", re.compile(r"gemm|gemv|nvjet|cutlass")),
+    ("sort (DyMe's random split)", re.compile(r"sort")),
+    ("copy, fill", re.compile(r"memcpy|memset|copy|fill")),
 )
 
 
 def kernel_kind(name: str) -> str:
     """Which of ``KERNEL_KINDS`` a kernel named ``name`` belongs to ("other" if none)."""
     lower = name.lower()
-    for kind, marks in KERNEL_KINDS:
-        if any(lower.startswith(mark) if mark == "triton_" else mark in lower for mark in marks):
-            return kind
-    return "other"
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(lower)), "other")
 
 
 def kernel_time_by_kind(columns: dict[str, list[tuple[str, float, int]]], frames: int) -> str:
