@@ -201,12 +201,10 @@ def kernel_time_by_kind(columns: dict[str, list[tuple[str, float, int]]], frames
     merges run on a stream of their own beside the UNet, so their kernels overlap.
     """
     kinds = [kind for kind, _ in KERNEL_KINDS] + ["other"]
-    sums = {
-        label: {
-            kind: sum(us for name, us, _ in kernels if kernel_kind(name) == kind) for kind in kinds
-        }
-        for label, kernels in columns.items()
-    }
+    sums = {label: dict.fromkeys(kinds, 0.0) for label in columns}
+    for label, kernels in columns.items():
+        for name, us, _ in kernels:
+            sums[label][kernel_kind(name)] += us
     width = max(map(len, kinds))
     lines = [
         "kernel time per frame by kind, ms (where the bank is updated, two streams overlap):",
