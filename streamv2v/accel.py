@@ -19,8 +19,9 @@ so the step can run on fixed buffers instead (``StaticStep``):
   only the tracing;
 - what is the same for every frame is computed once: the prompt's cross-attention keys and
   values (refilled in place when the prompt changes) and every ResNet's time embedding (the
-  timesteps are fixed). On the GPU, self-attention's q, k, v come from one matrix product and
-  TAESD runs with cuDNN's fused convolution + ReLU.
+  timesteps are fixed). On the GPU, self-attention's q, k, v come from one matrix product
+  (attended by FlashAttention-4 on Hopper GPUs where flash-attn-4 is installed), and TAESD
+  runs with cuDNN's fused convolution + ReLU.
 
 Priming and the frames before the bank is full run the plain step, which is also the
 reference: the fast path's output equals it within fp16 rounding (tested).
@@ -39,6 +40,7 @@ from .attention import (
     CachedCrossAttnProcessor,
     FusedProjection,
     bank_processors,
+    pick_self_attention_kernel,
     project_context,
 )
 from .bank import join_updates, self_attention_layers
@@ -143,8 +145,15 @@ class StaticStep:
         # CachedCrossAttnProcessor); the step installs its own processors for that.
         self.context: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         names = list(stream._processors)
-        projections = fused_projections(model) if mode != "static" else None
-        processors = bank_processors(names, stream.bank, stream._kernel, projections)
+        projections = self_kernel = None
+        if mode != "static":
+            projections = fused_projections(model)
+            self_kernel = pick_self_attention_kernel(stream.device, stream.dtype)
+        processors = bank_processors(names, stream.bank, stream._kernel, projections, self_kernel)
+        # What attends: the short name the benchmark prints.
+        self.attention = stream.attention_backend
+        if self_kernel is not None:
+            self.attention = f"fa4+{self.attention}"
         layers = [name.removesuffix(".processor") for name in names]
         self._cross_layers = [
             layer

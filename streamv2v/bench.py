@@ -86,6 +86,7 @@ class Result:
     fps: float
     peak_mib: float | None
     first_s: float
+    attention: str = ""
     profile: str | None = None
 
 
@@ -134,7 +135,8 @@ def measure(
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     ms = 1000 * elapsed / frames
     report = where_time_goes(stream, inputs, profile) if profile else None
-    return Result(stream.accel, bank, steps, size, ms, 1000 / ms, peak, first, report)
+    attention = stream._fast.attention if stream._fast is not None else stream.attention_backend
+    return Result(stream.accel, bank, steps, size, ms, 1000 / ms, peak, first, attention, report)
 
 
 def where_time_goes(stream: StreamV2V, inputs: list[torch.Tensor], frames: int) -> str:
@@ -255,7 +257,7 @@ def table(results: list[Result], device: str, model: str, dtype: torch.dtype) ->
         f"model: {model}",
         "",
         f"{'accel':<8} {'bank':<6} {'steps':>5} {'size':>6} {'ms/frame':>9} {'FPS':>8} "
-        f"{'peak MiB':>9} {'first s':>8} {'vs none':>8}",
+        f"{'peak MiB':>9} {'first s':>8} {'vs none':>8}  attention",
     ]
     # A bank's cost is read against the same configuration without one, when it was measured.
     plain = {(r.accel, r.steps, r.size): r.ms_per_frame for r in results if r.bank == "none"}
@@ -265,7 +267,7 @@ def table(results: list[Result], device: str, model: str, dtype: torch.dtype) ->
         extra = f"{r.ms_per_frame / base - 1:+8.1%}" if base and r.bank != "none" else f"{'-':>8}"
         lines.append(
             f"{r.accel:<8} {r.bank:<6} {r.steps:>5} {r.size:>6} {r.ms_per_frame:9.2f} "
-            f"{r.fps:8.1f} {peak} {r.first_s:8.1f} {extra}"
+            f"{r.fps:8.1f} {peak} {r.first_s:8.1f} {extra}  {r.attention}"
         )
     for r in results:
         if r.profile:

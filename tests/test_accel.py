@@ -2,6 +2,8 @@
 torch.compile on a GPU (those cases skip without one)."""
 
 import copy
+import sys
+import types
 
 import pytest
 import torch
@@ -19,7 +21,11 @@ from streamv2v.attention import (
     CachedCrossAttnProcessor,
     PlainAttnProcessor,
     bank_processors,
+    flash_attention,
+    flash_where_supported,
     pick_attention_kernel,
+    pick_self_attention_kernel,
+    sdpa_attention,
 )
 from streamv2v.bank import BankConfig, FeatureBank
 from streamv2v.errors import StreamV2VError
@@ -299,6 +305,88 @@ def test_fused_qkv_projections_compute_the_three_products(tiny_model):
         assert len(fused) == len(projections) and all(type(p) is kind for p in fused)
         unet.set_attn_processor(processors)
         torch.testing.assert_close(unet_output(unet, t), want, atol=1e-5, rtol=1e-5)
+
+
+def fake_flash_attn(monkeypatch) -> list[torch.Size]:
+    """``flash_attn.cute`` as flash-attn-4 shapes it, computed exactly; records each call's q."""
+    calls = []
+
+    def flash_attn_func(q, k, v):  # [batch, tokens, heads, head_dim] in, (output, lse) out
+        calls.append(q.shape)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2), None
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = flash_attn_func
+    package = types.ModuleType("flash_attn")
+    package.cute = cute
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    return calls
+
+
+def test_flash_attention_serves_the_self_attention_layers(tiny_model, monkeypatch):
+    """The fast path's self-attention kernel (flash-attn-4 on Hopper GPUs) reads the layers'
+    tokens in its own layout and gives SDPA's result, with and without a bank; cross-attention
+    keeps SDPA. torch.compile takes it as one operator."""
+    calls = fake_flash_attn(monkeypatch)
+    unet = tiny_model.pipe.unet
+    names = list(unet.attn_processors)
+    _, kernel = pick_attention_kernel(torch.device("cpu"), torch.float32)
+    projections = fused_projections(tiny_model)
+    t = torch.tensor([999, 759, 499, 259])
+    for bank in (None, FeatureBank(BankConfig())):
+        unet.set_attn_processor(bank_processors(names, bank, kernel, projections))
+        want = unet_output(unet, t)
+        calls.clear()
+        processors = bank_processors(names, bank, kernel, projections, flash_where_supported)
+        unet.set_attn_processor(processors)
+        torch.testing.assert_close(unet_output(unet, t), want, atol=1e-5, rtol=1e-5)
+        assert len(calls) == len(projections)  # every self-attention layer, nothing else
+
+    qkv = torch.randn(2, 6, 3 * 16)
+    q, k, v = qkv.chunk(3, dim=-1)  # strided, as the fused projection gives them
+    compiled = torch.compile(lambda q, k, v: flash_attention(q, k, v, 2) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), sdpa_attention(q, k, v, 2) * 2)
+
+    calls.clear()  # head size 4 has no flash-attn-4 kernel: SDPA attends instead
+    torch.testing.assert_close(flash_where_supported(q, k, v, 4), sdpa_attention(q, k, v, 4))
+    assert not calls
+    flash_where_supported(q, k, v, 2)
+    assert len(calls) == 1
+
+
+def test_flash_attention_is_picked_only_on_a_hopper_gpu(monkeypatch):
+    fake_flash_attn(monkeypatch)
+    assert pick_self_attention_kernel(torch.device("cpu"), torch.float16) is None
+    if CUDA:  # the switch turns it off on any GPU
+        pick_self_attention_kernel.cache_clear()
+        monkeypatch.setenv("STREAMV2V_FLASH_ATTENTION", "0")
+        assert pick_self_attention_kernel(torch.device("cuda"), torch.float16) is None
+        pick_self_attention_kernel.cache_clear()
+
+
+def flash_attn_installed() -> bool:
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not (CUDA and torch.cuda.get_device_capability()[0] == 9 and flash_attn_installed()),
+    reason="needs a Hopper GPU and flash-attn-4",
+)
+@pytest.mark.parametrize("accel", ["graphs", "compile"])
+def test_on_hopper_the_fast_path_attends_with_flash_attn_4(tiny_model_taesd, accel):
+    model = on_device(tiny_model_taesd, accel)
+    frames = video(8)
+    got, stream = run(model, accel, BANKS["dyme"], frames)
+    assert stream._fast.attention == "fa4+sdpa"
+    want, plain = run(model, "off", BANKS["dyme"], frames)
+    assert plain.attention_backend == "sdpa"  # the reference keeps PyTorch's attention
+    assert_frames_close(got, want, accel)
 
 
 def test_accel_falls_back_with_a_message():
