@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .bank import FeatureBank, fuse, self_attention_layers
+from .errors import describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,7 @@ def pick_self_attention_kernel(device: torch.device, dtype: torch.dtype) -> Atte
     Hopper kernel beats cuDNN's (PyTorch SDPA's pick there) by 8 to 10% at the 64x64 layers,
     the largest, and loses 5 to 6 us at 32x32, so the step gains 3% with a bank; cuDNN stays
     for cross-attention (77 keys), where it is faster. Other GPUs were not measured, so they
-    keep SDPA. ``STREAMV2V_FLASH_ATTENTION=0`` turns it off. A probe call compiles and runs
-    the kernel of the largest layers' head size once here, so a build that imports but cannot
-    run on this GPU falls back before the first frame instead of failing in it.
+    keep SDPA. ``STREAMV2V_FLASH_ATTENTION=0`` turns it off.
     """
     if os.environ.get(FLASH_SWITCH, "1") == "0":
         return None
@@ -132,19 +131,44 @@ def pick_self_attention_kernel(device: torch.device, dtype: torch.dtype) -> Atte
         return None
     if torch.cuda.get_device_capability(device)[0] != 9:
         return None
+    return load_flash_attention(device, dtype)
+
+
+def load_flash_attention(device: torch.device, dtype: torch.dtype) -> AttentionKernel | None:
+    """flash-attn-4's kernel when it is installed and runs here; None, said, when it does not.
+
+    A probe call compiles and runs the kernel of the largest layers' head size once, so an
+    install that imports but cannot run on this GPU (say, its compiler's libraries built for
+    another CUDA) falls back before the first frame instead of failing in it. Not installed
+    is no fault and goes unsaid; installed but unusable is said, since whoever installed it
+    expects it to run.
+    """
     # Its compiled kernels kept on disk, as Inductor's are, so a restart skips compiling them.
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     try:
         import flash_attn.cute  # noqa: F401
-    except Exception:  # not installed, or its compiler's libraries do not load
-        return None
+    except ModuleNotFoundError as exc:
+        if exc.name in ("flash_attn", "flash_attn.cute"):
+            return None  # not installed (or another package's flash_attn, without .cute)
+        return _unusable(device, exc)
+    except Exception as exc:  # installed, but it or a library it needs does not load
+        return _unusable(device, exc)
     try:
         probe = torch.ones(1, 128, 40, device=device, dtype=dtype)  # SD1.5's head size 40
         flash_attention(probe, probe, probe, 1)
     except Exception as exc:  # any failure means "not usable here", never a crash
-        log.info("flash-attn-4 is installed but unusable on %s (%s); using SDPA", device, exc)
-        return None
+        return _unusable(device, exc)
     return flash_where_supported
+
+
+def _unusable(device: torch.device, exc: BaseException) -> None:
+    log.warning(
+        "flash-attn-4 is installed but unusable on %s (%s); self-attention uses PyTorch's SDPA "
+        "instead. Reinstall it as the README's Install section says, or set %s=0 to stop trying",
+        device,
+        describe_failure(exc),
+        FLASH_SWITCH,
+    )
 
 
 def _project(attn, hidden_states: torch.Tensor, context: torch.Tensor | None):

@@ -23,6 +23,7 @@ from streamv2v.attention import (
     bank_processors,
     flash_attention,
     flash_where_supported,
+    load_flash_attention,
     pick_attention_kernel,
     pick_self_attention_kernel,
     sdpa_attention,
@@ -364,6 +365,49 @@ def test_flash_attention_is_picked_only_on_a_hopper_gpu(monkeypatch):
         monkeypatch.setenv("STREAMV2V_FLASH_ATTENTION", "0")
         assert pick_self_attention_kernel(torch.device("cuda"), torch.float16) is None
         pick_self_attention_kernel.cache_clear()
+
+
+def test_flash_attention_loads_when_it_runs_and_says_why_when_it_does_not(monkeypatch, caplog):
+    """Not installed: SDPA, unsaid. Installed and working: its kernel. Installed but failing
+    to import or to run its probe: SDPA, with a warning that names the cause and the switch."""
+    cpu = torch.device("cpu")
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # an import of it raises
+    with caplog.at_level("WARNING"):
+        assert load_flash_attention(cpu, torch.float32) is None
+    assert not caplog.records
+
+    calls = fake_flash_attn(monkeypatch)
+    assert load_flash_attention(cpu, torch.float32) is flash_where_supported
+    assert calls == [torch.Size([1, 128, 1, 40])]  # the probe, at SD1.5's largest layers' size
+
+    def broken(q, k, v):
+        raise RuntimeError("no kernel for sm_70\n(pages of compiler output)")
+
+    sys.modules["flash_attn.cute"].flash_attn_func = broken
+    with caplog.at_level("WARNING"):
+        assert load_flash_attention(cpu, torch.float32) is None
+    assert "RuntimeError: no kernel for sm_70" in caplog.text
+    assert "STREAMV2V_FLASH_ATTENTION=0" in caplog.text and "pages" not in caplog.text
+
+    caplog.clear()
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)
+    monkeypatch.delitem(sys.modules, "flash_attn")
+    monkeypatch.setattr("builtins.__import__", _import_failing("flash_attn", OSError("libcute")))
+    with caplog.at_level("WARNING"):
+        assert load_flash_attention(cpu, torch.float32) is None
+    assert "OSError: libcute" in caplog.text
+
+
+def _import_failing(name: str, exc: Exception):
+    """``__import__`` with ``name`` failing as a broken install fails (a library not loading)."""
+    real = __import__
+
+    def fake(module, *args, **kwargs):
+        if module == name or module.startswith(f"{name}."):
+            raise exc
+        return real(module, *args, **kwargs)
+
+    return fake
 
 
 def flash_attn_installed() -> bool:
