@@ -471,7 +471,7 @@ def _cudnn_tuned():
 # --------------------------------------------------------------------------------------------
 
 
-def _conv_relu(conv: torch.nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None):
+def _conv_relu(conv: torch.nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None):
     """``relu(conv(x) [+ add])`` as one cuDNN kernel: torch.compile leaves convolutions to
     cuDNN and cannot fuse the ReLU into them, so each would cost a pass over the activation."""
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -497,6 +497,25 @@ def _fusable_block(module: torch.nn.Module) -> bool:
     )
 
 
+# The fused steps hold their modules in closures, and nothing here has default arguments: what
+# torch.compile reads through a default argument it tracks by a source (``DefaultsSource``)
+# that PyTorch 2.11's Inductor cache cannot unpickle, and with the convolutions bound as
+# default arguments the two TAESD graphs (the first and third compiled) were compiled again in
+# every new process (H100 and H200, "fx graph cache unable to load compiled graph").
+
+
+def _fused_conv(conv: torch.nn.Conv2d) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: _conv_relu(conv, x, None)
+
+
+def _fused_block(block: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        h = _conv_relu(block.conv[2], _conv_relu(block.conv[0], x, None), None)
+        return _conv_relu(block.conv[4], h, block.skip(x))
+
+    return run
+
+
 def fused_taesd_layers(layers: torch.nn.Sequential) -> Callable[[torch.Tensor], torch.Tensor]:
     """TAESD's ``layers`` with every convolution that a ReLU follows run fused, on CUDA.
 
@@ -511,18 +530,10 @@ def fused_taesd_layers(layers: torch.nn.Sequential) -> Callable[[torch.Tensor], 
     while i < len(items):
         layer = items[i]
         if isinstance(layer, torch.nn.Conv2d) and i + 1 < len(items) and _is_relu(items[i + 1]):
-            plan.append(lambda x, conv=layer: _conv_relu(conv, x))
+            plan.append(_fused_conv(layer))
             i += 2
             continue
-        if _fusable_block(layer):
-
-            def block(x: torch.Tensor, b=layer) -> torch.Tensor:
-                h = _conv_relu(b.conv[2], _conv_relu(b.conv[0], x))
-                return _conv_relu(b.conv[4], h, add=b.skip(x))
-
-            plan.append(block)
-        else:
-            plan.append(layer)
+        plan.append(_fused_block(layer) if _fusable_block(layer) else layer)
         i += 1
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -213,10 +213,10 @@ def test_a_saved_fast_stream_continues_exactly(tiny_model_taesd, tmp_path):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
 
 
-def test_fused_taesd_computes_what_the_modules_do(tiny_model_taesd, monkeypatch):
-    """On a GPU, TAESD's convolutions run with their ReLU (and residual add) fused by cuDNN;
-    here those cuDNN ops are stood in for by their definitions, to check the plan around them
-    (which layers fuse, the scaling diffusers' forward does) against diffusers' own modules."""
+@pytest.fixture
+def cudnn_fusion_on_cpu(monkeypatch) -> list[str]:
+    """cuDNN's fused convolution + ReLU ops stood in for by their definitions (CPU), so the
+    fused TAESD plan runs here; records which op each fused step used."""
     fused = []
 
     def conv_relu(x, w, b, *args):
@@ -230,6 +230,14 @@ def test_fused_taesd_computes_what_the_modules_do(tiny_model_taesd, monkeypatch)
     monkeypatch.setattr(torch, "cudnn_convolution_relu", conv_relu)
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu)
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    return fused
+
+
+def test_fused_taesd_computes_what_the_modules_do(tiny_model_taesd, cudnn_fusion_on_cpu):
+    """On a GPU, TAESD's convolutions run with their ReLU (and residual add) fused by cuDNN;
+    here those cuDNN ops are stood in for by their definitions, to check the plan around them
+    (which layers fuse, the scaling diffusers' forward does) against diffusers' own modules."""
+    fused = cudnn_fusion_on_cpu
     vae = copy.deepcopy(tiny_model_taesd.pipe.vae).half()  # fused in fp16 only
     encode, decode = taesd_functions(vae, fused=True)
     x, z = (torch.rand(1, 3, 48, 64) * 2 - 1).half(), torch.randn(1, 4, 6, 8).half()
@@ -240,6 +248,20 @@ def test_fused_taesd_computes_what_the_modules_do(tiny_model_taesd, monkeypatch)
     assert fused.count("add_relu") == blocks and fused.count("relu") == 2 * blocks + 1
     assert taesd_functions(vae, fused=False) == (vae.encoder, vae.decoder)
     assert taesd_functions(vae.float(), fused=True) == (vae.encoder, vae.decoder)
+
+
+def test_compiled_taesd_is_not_guarded_through_default_arguments(
+    tiny_model_taesd, cudnn_fusion_on_cpu
+):
+    """PyTorch 2.11's Inductor cache cannot unpickle a guard on a default argument (its
+    ``DefaultsSource``), so a graph with one compiles again in every new process: the fused
+    TAESD steps hold their modules in closures."""
+    vae = copy.deepcopy(tiny_model_taesd.pipe.vae).half()
+    encode, decode = taesd_functions(vae, fused=True)
+    x, z = (torch.rand(1, 3, 48, 64) * 2 - 1).half(), torch.randn(1, 4, 6, 8).half()
+    for function, value in ((encode, x), (decode, z)):
+        guards = torch._dynamo.explain(function)(value).out_guards
+        assert guards and not [g.name for g in guards if "__defaults__" in g.name]
 
 
 def unet_output(unet, t, seed=0):
