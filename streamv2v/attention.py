@@ -349,7 +349,7 @@ def bank_processors(
         own = self_kernel or kernel
         if banked:
             processors[name] = BankSelfAttnProcessor(bank, layer, own, qkv)
-        elif qkv is not None or own is not kernel:
+        elif qkv is not None or self_kernel is not None:
             processors[name] = PlainAttnProcessor(own, qkv)
         else:
             processors[name] = plain
