@@ -20,8 +20,8 @@ so the step can run on fixed buffers instead (``StaticStep``):
 - what is the same for every frame is computed once: the prompt's cross-attention keys and
   values (refilled in place when the prompt changes) and every ResNet's time embedding (the
   timesteps are fixed). On the GPU, self-attention's q, k, v come from one matrix product
-  (attended by FlashAttention-4 on Hopper GPUs where flash-attn-4 is installed), and TAESD
-  runs with cuDNN's fused convolution + ReLU.
+  (attended by FlashAttention-4 where flash-attn-4 is installed and faster at the layer's
+  shapes), and TAESD runs with cuDNN's fused convolution + ReLU.
 
 Priming and the frames before the bank is full run the plain step, which is also the
 reference: the fast path's output equals it within fp16 rounding (tested).

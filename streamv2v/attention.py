@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable
 
@@ -101,35 +102,106 @@ def _(query, key, value, heads):
     return query.new_empty(*query.shape[:-1], value.shape[-1])
 
 
-def flash_where_supported(
+def flash_where_faster(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int
 ) -> torch.Tensor:
     """flash-attn-4 where it has a kernel for the head size (fp16: a multiple of 8 up to 256;
-    SD1.5's are 40, 80 and 160), SDPA elsewhere."""
+    SD1.5's are 40, 80 and 160) and runs faster than SDPA at these shapes on this GPU (timed
+    once per shape, ``flash_is_faster``); SDPA elsewhere."""
     head_dim = query.shape[-1] // heads
     if head_dim % 8 or head_dim > 256:
         return sdpa_attention(query, key, value, heads)
-    return flash_attention(query, key, value, heads)
+    shapes = (tuple(query.shape), tuple(key.shape), tuple(value.shape))
+    if flash_is_faster(query.device, query.dtype, shapes, heads):
+        return flash_attention(query, key, value, heads)
+    return sdpa_attention(query, key, value, heads)
 
 
+# (device, dtype, (q, k, v shapes), heads) -> (flash-attn-4's time, SDPA's) in seconds, or
+# the reason flash-attn-4 failed at these shapes.
+KERNEL_TIMES: dict[tuple, tuple[float, float] | str] = {}
+
+
+@torch.compiler.assume_constant_result
+def flash_is_faster(
+    device: torch.device,
+    dtype: torch.dtype,
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+    heads: int,
+) -> bool:
+    """Whether flash-attn-4's kernel beats SDPA's at these shapes, timed on first asking.
+
+    Which kernel wins depends on the GPU, the head size and the batch, not on a rule that
+    holds everywhere: on an H200 at SD1.5's shapes flash-attn-4 is 6 to 10% faster at head size
+    40 with a batch of 4, and slower at head size 80 and at batch 1 (README, Performance). So
+    each shape is measured here, as the graphs that will run it replay it. torch.compile calls
+    this while tracing (its result is a constant of the graph), so the choice costs nothing per
+    frame. A kernel that fails at these shapes loses, said once in the log.
+    """
+    signature = (device, dtype, shapes, heads)
+    if signature not in KERNEL_TIMES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return True  # cannot time inside a capture: the fast path's default
+        gen = torch.Generator(device=device).manual_seed(0)  # the global RNG is not ours
+        q, k, v = (torch.rand(s, generator=gen, device=device).to(dtype) for s in shapes)
+        try:
+            flash = time_kernel(flash_attention, q, k, v, heads)
+        except Exception as exc:  # a kernel it lacks here is no error of the user's
+            KERNEL_TIMES[signature] = why = describe_failure(exc)
+            log.info("flash-attn-4 fails at shapes %s (%s): SDPA attends", shapes, why)
+        else:
+            KERNEL_TIMES[signature] = (flash, time_kernel(sdpa_attention, q, k, v, heads))
+    times = KERNEL_TIMES[signature]
+    return not isinstance(times, str) and times[0] < times[1]
+
+
+def time_kernel(kernel: AttentionKernel, *args) -> float:
+    """Seconds per call of ``kernel(*args)``: on a GPU as a CUDA graph replays it (kernels back
+    to back, no launch gaps, which would hide a small kernel's speed behind its launch cost)."""
+    kernel(*args)  # a just-in-time compiler compiles it now, outside the timing
+    if args[0].device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(TIMED_CALLS):
+            kernel(*args)
+        return (time.perf_counter() - start) / TIMED_CALLS
+    side = torch.cuda.Stream(device=args[0].device)
+    side.wait_stream(torch.cuda.current_stream(args[0].device))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        kernel(*args)
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(TIMED_CALLS):
+                kernel(*args)
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        best = float("inf")
+        for _ in range(3):
+            start.record(side)
+            graph.replay()
+            end.record(side)
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1000 / TIMED_CALLS)
+    return best
+
+
+TIMED_CALLS = 10
 FLASH_SWITCH = "STREAMV2V_FLASH_ATTENTION"
 
 
 @functools.cache
 def pick_self_attention_kernel(device: torch.device, dtype: torch.dtype) -> AttentionKernel | None:
-    """FlashAttention-4 for the fast path's self-attention on Hopper GPUs, where installed.
+    """FlashAttention-4 for the fast path's self-attention where installed and faster.
 
-    Measured on an H200 at SD1.5's 512x512 shapes (README, Performance), flash-attn-4's
-    Hopper kernel beats cuDNN's (PyTorch SDPA's pick there) by 8 to 10% at the 64x64 layers,
-    the largest, and loses 5 to 6 us at 32x32, so the step gains 3% with a bank; cuDNN stays
-    for cross-attention (77 keys), where it is faster. Other GPUs were not measured, so they
-    keep SDPA. ``STREAMV2V_FLASH_ATTENTION=0`` turns it off.
+    Measured on Hopper GPUs (README, Performance): on an H200 flash-attn-4's kernel beats
+    cuDNN's (PyTorch SDPA's pick there) at SD1.5's largest layers, so the step with a bank
+    gains 3%; cross-attention (77 keys) keeps SDPA, where cuDNN is faster. Each self-attention
+    shape gets the faster of the two on this GPU (``flash_where_faster``), so a GPU where it
+    loses keeps SDPA. ``STREAMV2V_FLASH_ATTENTION=0`` turns it off.
     """
     if os.environ.get(FLASH_SWITCH, "1") == "0":
         return None
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return None
-    if torch.cuda.get_device_capability(device)[0] != 9:
+    if torch.cuda.get_device_capability(device)[0] < 8:  # flash-attn-4 has no older kernels
         return None
     return load_flash_attention(device, dtype)
 
@@ -137,11 +209,11 @@ def pick_self_attention_kernel(device: torch.device, dtype: torch.dtype) -> Atte
 def load_flash_attention(device: torch.device, dtype: torch.dtype) -> AttentionKernel | None:
     """flash-attn-4's kernel when it is installed and runs here; None, said, when it does not.
 
-    A probe call compiles and runs the kernel of the largest layers' head size once, so an
-    install that imports but cannot run on this GPU (say, its compiler's libraries built for
-    another CUDA) falls back before the first frame instead of failing in it. Not installed
-    is no fault and goes unsaid; installed but unusable is said, since whoever installed it
-    expects it to run.
+    A probe call compiles and runs the kernel of the largest layers' head size once and checks
+    its result against SDPA's, so an install that imports but cannot run on this GPU (say, its
+    compiler's libraries built for another CUDA) or computes wrongly falls back before the
+    first frame instead of failing in it. Not installed is no fault and goes unsaid; installed
+    but unusable is said, since whoever installed it expects it to run.
     """
     # Its compiled kernels kept on disk, as Inductor's are, so a restart skips compiling them.
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
@@ -153,20 +225,30 @@ def load_flash_attention(device: torch.device, dtype: torch.dtype) -> AttentionK
         return _unusable(device, exc)
     except Exception as exc:  # installed, but it or a library it needs does not load
         return _unusable(device, exc)
+    # SD1.5's head size 40; varied values (no RNG: the global one is not ours)
+    q, k, v = (
+        torch.linspace(-1, 1, 128 * 40, device=device).reshape(1, 128, 40).roll(shift).to(dtype)
+        for shift in (0, 1000, 2000)
+    )
     try:
-        probe = torch.ones(1, 128, 40, device=device, dtype=dtype)  # SD1.5's head size 40
-        flash_attention(probe, probe, probe, 1)
+        got = flash_attention(q, k, v, 1)
     except Exception as exc:  # any failure means "not usable here", never a crash
         return _unusable(device, exc)
-    return flash_where_supported
+    error = (got.float() - sdpa_attention(q, k, v, 1).float()).abs().max().item()
+    if not error < PROBE_TOLERANCE:  # NaN too
+        return _unusable(device, f"its result differs from PyTorch's attention by {error:.3g}")
+    return flash_where_faster
 
 
-def _unusable(device: torch.device, exc: BaseException) -> None:
+PROBE_TOLERANCE = 1e-2  # fp16 rounding of values in [-1, 1] is under 1e-3
+
+
+def _unusable(device: torch.device, why: BaseException | str) -> None:
     log.warning(
         "flash-attn-4 is installed but unusable on %s (%s); self-attention uses PyTorch's SDPA "
         "instead. Reinstall it as the README's Install section says, or set %s=0 to stop trying",
         device,
-        describe_failure(exc),
+        why if isinstance(why, str) else describe_failure(why),
         FLASH_SWITCH,
     )
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import attention
 from .bank import BANK_KINDS, BankConfig
 from .errors import StreamV2VError
 from .loading import (
@@ -251,7 +252,13 @@ def describe_device(device: torch.device) -> str:
     return f"{device.type} ({platform.processor() or platform.machine()})"
 
 
-def table(results: list[Result], device: str, model: str, dtype: torch.dtype) -> str:
+def table(
+    results: list[Result],
+    device: str,
+    model: str,
+    dtype: torch.dtype,
+    kernel_times: dict[tuple, tuple[float, float] | str] | None = None,
+) -> str:
     lines = [
         f"device: {device}   torch {torch.__version__}   dtype {str(dtype).removeprefix('torch.')}",
         f"model: {model}",
@@ -269,6 +276,15 @@ def table(results: list[Result], device: str, model: str, dtype: torch.dtype) ->
             f"{r.accel:<8} {r.bank:<6} {r.steps:>5} {r.size:>6} {r.ms_per_frame:9.2f} "
             f"{r.fps:8.1f} {peak} {r.first_s:8.1f} {extra}  {r.attention}"
         )
+    if kernel_times:
+        lines += ["", "self-attention kernels timed (us per call: flash-attn-4, SDPA):"]
+        for (_, _, (q, k, _), heads), times in kernel_times.items():
+            shapes = f"  q {'x'.join(map(str, q))}, k/v {'x'.join(map(str, k))}, {heads} heads:"
+            if isinstance(times, str):
+                lines.append(f"{shapes} flash-attn-4 failed ({times}), SDPA")
+            else:
+                pick = "flash-attn-4" if times[0] < times[1] else "SDPA"
+                lines.append(f"{shapes} {times[0] * 1e6:.1f}, {times[1] * 1e6:.1f} -> {pick}")
     for r in results:
         if r.profile:
             lines += ["", f"profile: {r.accel} {r.bank} {r.steps} steps {r.size}", r.profile]
@@ -338,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except StreamV2VError as exc:
         print(f"streamv2v.bench: error: {exc}", file=sys.stderr)
         return 1
-    print(table(results, describe_device(device), model.description, dtype))
+    print(table(results, describe_device(device), model.description, dtype, attention.KERNEL_TIMES))
     return 0
 
 

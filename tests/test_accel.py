@@ -3,12 +3,14 @@ torch.compile on a GPU (those cases skip without one)."""
 
 import copy
 import sys
+import time
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import streamv2v.attention as attention
 from streamv2v.accel import (
     fused_projections,
     resolve_accel,
@@ -22,7 +24,8 @@ from streamv2v.attention import (
     PlainAttnProcessor,
     bank_processors,
     flash_attention,
-    flash_where_supported,
+    flash_is_faster,
+    flash_where_faster,
     load_flash_attention,
     pick_attention_kernel,
     pick_self_attention_kernel,
@@ -348,11 +351,28 @@ def fake_flash_attn(monkeypatch) -> list[torch.Size]:
     return calls
 
 
+def timings(monkeypatch, flash_wins=lambda q: True) -> list[str]:
+    """Kernel timing made up: flash-attn-4 wins where ``flash_wins(query)``; records what was
+    timed, by kernel name."""
+    timed = []
+
+    def time_kernel(kernel, q, k, v, heads):
+        kernel(q, k, v, heads)  # runs, as the real timing does
+        flash = kernel is flash_attention
+        timed.append("flash" if flash else "sdpa")
+        return 1.0 if flash == flash_wins(q) else 2.0
+
+    monkeypatch.setattr(attention, "time_kernel", time_kernel)
+    monkeypatch.setattr(attention, "KERNEL_TIMES", {})
+    return timed
+
+
 def test_flash_attention_serves_the_self_attention_layers(tiny_model, monkeypatch):
-    """The fast path's self-attention kernel (flash-attn-4 on Hopper GPUs) reads the layers'
-    tokens in its own layout and gives SDPA's result, with and without a bank; cross-attention
-    keeps SDPA. torch.compile takes it as one operator."""
+    """The fast path's self-attention kernel (flash-attn-4 where it is faster) reads the
+    layers' tokens in its own layout and gives SDPA's result, with and without a bank;
+    cross-attention keeps SDPA. torch.compile takes it as one operator."""
     calls = fake_flash_attn(monkeypatch)
+    timed = timings(monkeypatch)
     unet = tiny_model.pipe.unet
     names = list(unet.attn_processors)
     _, kernel = pick_attention_kernel(torch.device("cpu"), torch.float32)
@@ -362,24 +382,73 @@ def test_flash_attention_serves_the_self_attention_layers(tiny_model, monkeypatc
         unet.set_attn_processor(bank_processors(names, bank, kernel, projections))
         want = unet_output(unet, t)
         calls.clear()
-        processors = bank_processors(names, bank, kernel, projections, flash_where_supported)
+        timed.clear()
+        processors = bank_processors(names, bank, kernel, projections, flash_where_faster)
         unet.set_attn_processor(processors)
         torch.testing.assert_close(unet_output(unet, t), want, atol=1e-5, rtol=1e-5)
-        assert len(calls) == len(projections)  # every self-attention layer, nothing else
+        # every self-attention layer, nothing else (and each new shape once, timing it)
+        assert len(calls) == len(projections) + timed.count("flash")
 
     qkv = torch.randn(2, 6, 3 * 16)
     q, k, v = qkv.chunk(3, dim=-1)  # strided, as the fused projection gives them
     compiled = torch.compile(lambda q, k, v: flash_attention(q, k, v, 2) * 2, fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), sdpa_attention(q, k, v, 2) * 2)
 
-    calls.clear()  # head size 4 has no flash-attn-4 kernel: SDPA attends instead
-    torch.testing.assert_close(flash_where_supported(q, k, v, 4), sdpa_attention(q, k, v, 4))
-    assert not calls
-    flash_where_supported(q, k, v, 2)
-    assert len(calls) == 1
+    calls.clear()  # head size 4 has no flash-attn-4 kernel: SDPA attends, untimed
+    timed.clear()
+    torch.testing.assert_close(flash_where_faster(q, k, v, 4), sdpa_attention(q, k, v, 4))
+    assert not calls and not timed
+    flash_where_faster(q, k, v, 2)
+    assert len(calls) == 1 + 1  # timed, then attended
 
 
-def test_flash_attention_is_picked_only_on_a_hopper_gpu(monkeypatch):
+def test_self_attention_takes_the_faster_kernel_for_each_shape(monkeypatch, caplog):
+    """Each shape is timed once, eagerly or while torch.compile traces (the choice is a
+    constant of the graph); flash-attn-4 attends where it was faster, SDPA elsewhere and where
+    flash-attn-4 fails."""
+    calls = fake_flash_attn(monkeypatch)
+    timed = timings(monkeypatch, flash_wins=lambda q: q.shape[1] == 6)  # 6 tokens: flash
+    q6, q9 = torch.randn(2, 6, 16), torch.randn(2, 9, 16)
+    kv = torch.randn(2, 12, 16)
+    torch.testing.assert_close(flash_where_faster(q6, kv, kv, 2), sdpa_attention(q6, kv, kv, 2))
+    assert timed == ["flash", "sdpa"] and len(calls) == 1 + 1  # timed, then attended
+    calls.clear()
+    flash_where_faster(q9, kv, kv, 2)  # SDPA's faster here: flash-attn-4 only timed
+    assert len(timed) == 4 and len(calls) == 1
+
+    calls.clear()
+    compiled = torch.compile(flash_where_faster, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(q6, kv, kv, 2), sdpa_attention(q6, kv, kv, 2))
+    torch.testing.assert_close(compiled(q9, kv, kv, 2), sdpa_attention(q9, kv, kv, 2))
+    assert len(timed) == 4 and len(calls) == 1  # the same choices, not timed again
+    calls.clear()
+    q7 = torch.randn(2, 7, 16)
+    compiled(q7, kv, kv, 2)  # a new shape is timed while tracing, once
+    compiled(q7, kv, kv, 2)
+    assert len(timed) == 6 and len(calls) == 1
+
+    def broken(q, k, v):
+        raise RuntimeError("no kernel for these shapes\n(pages of compiler output)")
+
+    sys.modules["flash_attn.cute"].flash_attn_func = broken
+    q5 = torch.randn(2, 5, 16)
+    with caplog.at_level("INFO", logger="streamv2v.attention"):
+        torch.testing.assert_close(flash_where_faster(q5, kv, kv, 2), sdpa_attention(q5, kv, kv, 2))
+    assert "RuntimeError: no kernel for these shapes" in caplog.text and "pages" not in caplog.text
+    assert not flash_is_faster(q5.device, q5.dtype, ((2, 5, 16), (2, 12, 16), (2, 12, 16)), 2)
+
+
+def test_kernel_timing_counts_the_calls():
+    """Seconds per call: ten calls that sleep 2 ms each take 2 ms per call, not 20."""
+
+    def kernel(*args):
+        time.sleep(0.002)
+        return args[0]
+
+    assert 0.002 <= attention.time_kernel(kernel, torch.zeros(1)) < 0.004
+
+
+def test_flash_attention_is_picked_only_on_a_gpu(monkeypatch):
     fake_flash_attn(monkeypatch)
     assert pick_self_attention_kernel(torch.device("cpu"), torch.float16) is None
     if CUDA:  # the switch turns it off on any GPU
@@ -391,7 +460,8 @@ def test_flash_attention_is_picked_only_on_a_hopper_gpu(monkeypatch):
 
 def test_flash_attention_loads_when_it_runs_and_says_why_when_it_does_not(monkeypatch, caplog):
     """Not installed: SDPA, unsaid. Installed and working: its kernel. Installed but failing
-    to import or to run its probe: SDPA, with a warning that names the cause and the switch."""
+    to import, to run its probe or to compute SDPA's result: SDPA, with a warning that names
+    the cause and the switch."""
     cpu = torch.device("cpu")
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # an import of it raises
     with caplog.at_level("WARNING"):
@@ -399,7 +469,7 @@ def test_flash_attention_loads_when_it_runs_and_says_why_when_it_does_not(monkey
     assert not caplog.records
 
     calls = fake_flash_attn(monkeypatch)
-    assert load_flash_attention(cpu, torch.float32) is flash_where_supported
+    assert load_flash_attention(cpu, torch.float32) is flash_where_faster
     assert calls == [torch.Size([1, 128, 1, 40])]  # the probe, at SD1.5's largest layers' size
 
     def broken(q, k, v):
@@ -410,6 +480,12 @@ def test_flash_attention_loads_when_it_runs_and_says_why_when_it_does_not(monkey
         assert load_flash_attention(cpu, torch.float32) is None
     assert "RuntimeError: no kernel for sm_70" in caplog.text
     assert "STREAMV2V_FLASH_ATTENTION=0" in caplog.text and "pages" not in caplog.text
+
+    caplog.clear()
+    sys.modules["flash_attn.cute"].flash_attn_func = lambda q, k, v: (v.clone(), None)  # wrong
+    with caplog.at_level("WARNING"):
+        assert load_flash_attention(cpu, torch.float32) is None
+    assert "its result differs from PyTorch's attention by" in caplog.text
 
     caplog.clear()
     monkeypatch.setitem(sys.modules, "flash_attn.cute", None)
@@ -440,19 +516,39 @@ def flash_attn_installed() -> bool:
     return True
 
 
-@pytest.mark.skipif(
-    not (CUDA and torch.cuda.get_device_capability()[0] == 9 and flash_attn_installed()),
-    reason="needs a Hopper GPU and flash-attn-4",
+FLASH_GPU = pytest.mark.skipif(
+    not (CUDA and flash_attn_installed()), reason="needs a CUDA GPU and flash-attn-4"
 )
+
+
+@FLASH_GPU
 @pytest.mark.parametrize("accel", ["graphs", "compile"])
-def test_on_hopper_the_fast_path_attends_with_flash_attn_4(tiny_model_taesd, accel):
+def test_with_flash_attn_4_the_fast_path_gives_the_plain_paths_frames(
+    tiny_model_taesd, accel, monkeypatch
+):
+    import flash_attn.cute
+
+    calls = []
+    real = flash_attn.cute.flash_attn_func
+    monkeypatch.setattr(flash_attn.cute, "flash_attn_func", lambda *a: calls.append(1) or real(*a))
+    timings(monkeypatch)  # its kernel wherever it has one, whatever the tiny shapes' timings
     model = on_device(tiny_model_taesd, accel)
     frames = video(8)
     got, stream = run(model, accel, BANKS["dyme"], frames)
-    assert stream._fast.attention == "fa4+sdpa"
+    assert stream._fast.attention == "fa4+sdpa" and calls
     want, plain = run(model, "off", BANKS["dyme"], frames)
     assert plain.attention_backend == "sdpa"  # the reference keeps PyTorch's attention
     assert_frames_close(got, want, accel)
+
+
+@FLASH_GPU
+def test_kernels_are_timed_on_the_gpu(monkeypatch):
+    """Both kernels timed at SD1.5's largest extended attention, as CUDA graphs replay them."""
+    monkeypatch.setattr(attention, "KERNEL_TIMES", {})
+    cuda, shapes = torch.device("cuda"), ((4, 4096, 320), (4, 8192, 320), (4, 8192, 320))
+    faster = flash_is_faster(cuda, torch.float16, shapes, 8)
+    flash, sdpa = attention.KERNEL_TIMES[(cuda, torch.float16, shapes, 8)]
+    assert 1e-5 < flash < 1e-2 and 1e-5 < sdpa < 1e-2 and faster == (flash < sdpa)
 
 
 def test_accel_falls_back_with_a_message():

@@ -3,7 +3,9 @@
 import re
 import sys
 
-from streamv2v.bench import main
+import torch
+
+from streamv2v.bench import main, table
 
 
 def test_bench_reports_every_configuration(tiny_diffusers_dir, tiny_taesd_dir, capsys):
@@ -48,6 +50,21 @@ def test_bench_profiles_where_the_time_goes(tiny_diffusers_dir, tiny_taesd_dir, 
     out = capsys.readouterr().out
     profile = out[out.index("profile: off dyme 2 steps 32") :]
     assert "Self CPU" in profile and "aten::" in profile  # torch.profiler's table of this row
+
+
+def test_bench_says_which_attention_kernel_each_shape_got():
+    cuda = torch.device("cuda")
+    q, kv = (4, 4096, 320), (4, 8192, 320)
+    times = {
+        (cuda, torch.float16, (q, kv, kv), 8): (529.8e-6, 562.5e-6),
+        (cuda, torch.float16, ((4, 1024, 640),) * 3, 8): (36.9e-6, 31.4e-6),
+        (cuda, torch.float16, ((1, 64, 1280),) * 3, 8): "RuntimeError: no kernel",
+    }
+    out = table([], "H200", "random", torch.float16, times)
+    assert "q 4x4096x320, k/v 4x8192x320, 8 heads: 529.8, 562.5 -> flash-attn-4" in out
+    assert "q 4x1024x640, k/v 4x1024x640, 8 heads: 36.9, 31.4 -> SDPA" in out
+    assert "k/v 1x64x1280, 8 heads: flash-attn-4 failed (RuntimeError: no kernel), SDPA" in out
+    assert "kernels timed" not in table([], "cpu", "random", torch.float32, {})
 
 
 def test_bench_rejects_bad_arguments(capsys):
