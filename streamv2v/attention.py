@@ -132,8 +132,8 @@ def flash_is_faster(
     """Whether flash-attn-4's kernel beats SDPA's at these shapes, timed on first asking.
 
     Which kernel wins depends on the GPU, the head size and the batch, not on a rule that
-    holds everywhere: on an H200 at SD1.5's shapes flash-attn-4 is 6 to 10% faster at head size
-    40 with a batch of 4, and slower at head size 80 and at batch 1 (README, Performance). So
+    holds everywhere: on H100 and H200 GPUs at SD1.5's shapes flash-attn-4 is faster at head
+    size 40 with a batch of 4, and slower at head size 80 and at batch 1 (README, Performance). So
     each shape is measured here, as the graphs that will run it replay it. torch.compile calls
     this while tracing (its result is a constant of the graph), so the choice costs nothing per
     frame. A kernel that fails at these shapes loses, said once in the log.

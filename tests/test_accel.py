@@ -439,13 +439,14 @@ def test_self_attention_takes_the_faster_kernel_for_each_shape(monkeypatch, capl
 
 
 def test_kernel_timing_counts_the_calls():
-    """Seconds per call: ten calls that sleep 2 ms each take 2 ms per call, not 20."""
+    """Seconds per call: calls that sleep 2 ms each take about 2 ms per call, not ten times that
+    (the bound is loose for a busy machine's late wake-ups)."""
 
     def kernel(*args):
         time.sleep(0.002)
         return args[0]
 
-    assert 0.002 <= attention.time_kernel(kernel, torch.zeros(1)) < 0.004
+    assert 0.002 <= attention.time_kernel(kernel, torch.zeros(1)) < 0.01
 
 
 def test_flash_attention_is_picked_only_on_a_gpu(monkeypatch):
