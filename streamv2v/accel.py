@@ -282,7 +282,7 @@ class StaticStep:
             part = " (frames that update the bank)" if updating else ""
             s.status(
                 f"compiling the model for {s.output_size[0]}x{s.output_size[1]} frames at "
-                f"{s.steps} steps{part}: about a minute the first time, cached on disk for "
+                f"{s.steps} steps{part}: one to two minutes the first time, cached on disk for "
                 "later runs"
             )
         saved = {name: t.clone() for name, t in self.state.items()}, bank.snapshot()
