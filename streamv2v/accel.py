@@ -15,8 +15,9 @@ so the step can run on fixed buffers instead (``StaticStep``):
 - with ``compile`` the UNet (bank reads and updates included, traced in the same graph) and
   TAESD are compiled by ``torch.compile`` (Inductor's fused kernels) before capture, and each
   layer's bank update runs beside the rest of the frame on a stream of its own
-  (``bank.dyme_update``). Compiled kernels are cached on disk by Inductor, so a restart pays
-  only the tracing;
+  (``bank.dyme_update``, which acts only in frames that update the bank, so one compiled
+  graph serves both kinds). Compiled kernels are cached on disk by Inductor, so a restart
+  pays only the tracing;
 - what is the same for every frame is computed once: the prompt's cross-attention keys and
   values (refilled in place when the prompt changes) and every ResNet's time embedding (the
   timesteps are fixed). On the GPU, self-attention's q, k, v come from one matrix product
@@ -276,10 +277,13 @@ class StaticStep:
         the graph must start from the stream's true state.
         """
         s, bank = self.stream, self.stream.bank
-        # What torch.compile specialises on: frame size, stream batch rows, bank, update or not.
-        variant = ("compiled", self.input.shape, s._embeds.shape, bank.config.kind, updating)
+        # What torch.compile specialises on: frame size, stream batch rows, bank, and whether
+        # the frame updates the bank, unless the update runs beside the frame (one graph for
+        # both kinds of frame: ``bank.dyme_update`` decides when it runs, not when traced).
+        apart = updating and not bank.aside
+        variant = ("compiled", self.input.shape, s._embeds.shape, bank.config.kind, apart)
         if self.mode == "compile" and variant not in s.model.accelerated:
-            part = " (frames that update the bank)" if updating else ""
+            part = " (frames that update the bank)" if apart else ""
             s.status(
                 f"compiling the model for {s.output_size[0]}x{s.output_size[1]} frames at "
                 f"{s.steps} steps{part}: one to two minutes the first time, cached on disk for "

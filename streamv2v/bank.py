@@ -207,6 +207,7 @@ def dyme_update(
     ratio: float,
     fused: bool,
     aside: bool,
+    updating: torch.Tensor,
 ) -> None:
     """A static bank's DyMe update of one layer, in place; with ``aside`` on CUDA, beside
     the frame.
@@ -220,7 +221,14 @@ def dyme_update(
     frame. ``after`` (the layer's result) orders the call after every read of this layer's
     bank in the frame; within the frame nothing reads it afterwards, and the next frame waits
     for the merge (``join_updates``). Otherwise, and on a CPU, it merges at once.
+
+    ``updating`` (the bank's flag, a CPU boolean) is read when the operator runs, not when it
+    is traced: a compiled UNet calls it in every frame, so frames that update the bank and
+    frames that only read it are one graph, compiled once, and captured as two CUDA graphs,
+    the second holding the merge's kernels.
     """
+    if not updating:
+        return
     lead = frame[0].shape[1]
     aside = aside and keys.device.type == "cuda"
     for joint, x in zip((keys, values, outputs)[3 - len(frame) :], frame):
@@ -236,7 +244,7 @@ def dyme_update(
 
 
 @dyme_update.register_fake
-def _(keys, values, outputs, frame, after, draws, ratio, fused, aside) -> None:
+def _(keys, values, outputs, frame, after, draws, ratio, fused, aside, updating) -> None:
     return None
 
 
@@ -424,10 +432,22 @@ class FeatureBank:
         self.seed: int | None = None
         self.static = False
         self.generation = 0
+        # Whether this UNet call is absorbed, also as a tensor for ``dyme_update`` to read
+        self._update_flag = torch.zeros((), dtype=torch.bool)
         self._updating = False
         self._draws: dict[str, torch.Tensor] = {}
         self._matcher = best_match_reference
         self.aside = False  # a static DyMe bank updated beside the frame (``make_static``)
+
+    @property
+    def _updating(self) -> bool:
+        return self._absorbing
+
+    @_updating.setter
+    def _updating(self, value: bool) -> None:
+        self._absorbing = value
+        with torch.inference_mode():  # the flag may be an inference tensor, or not
+            self._update_flag.fill_(value)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -579,7 +599,7 @@ class FeatureBank:
             return keys, values
         if entries.lead:
             joint_k, joint_v, _ = entries.joint
-            if self._updating and self.aside:  # see fill_room
+            if self.aside:  # see fill_room; the same graph serves frames that update
                 fill_room(joint_k, keys, True)
                 fill_room(joint_v, values, True)
             else:
@@ -601,9 +621,12 @@ class FeatureBank:
         ``after``: the layer's result (after fusion), which an update beside the frame waits
         for (``dyme_update``); ``outputs`` when not given.
         """
+        entries = self.layers.get(layer)
+        if self.aside and entries is not None:  # the operator decides when it runs
+            self._dyme_update(layer, entries, keys, values, outputs, after)
+            return
         if not self._updating:
             return
-        entries = self.layers.get(layer)
         new = (keys, values, outputs)
         if entries is None:
             self.layers[layer] = LayerEntries(keys, values, outputs)
@@ -619,18 +642,8 @@ class FeatureBank:
             merged = tuple(
                 torch.cat([old[:, tokens:], x], dim=1) for old, x in zip(entries.tensors(), new)
             )
-        elif entries.lead:  # a static DyMe bank: the frame into the room, [frame | bank]
-            # With extended attention the processor has attended (``extended``) before
-            # recording, which put this frame's K, V there already: only O is new.
-            dyme_update(
-                *entries.joint,
-                list(new[2 if self.config.extended_attention else 0 :]),
-                outputs if after is None else after,
-                self._draws[layer],
-                self.config.merge_ratio,
-                self._matcher is best_match,
-                self.aside,
-            )
+        elif entries.lead:  # a static DyMe bank
+            self._dyme_update(layer, entries, keys, values, outputs, after)
             return
         else:
             merged = dyme_merge(
@@ -643,6 +656,32 @@ class FeatureBank:
                 old.copy_(x)
         else:
             self.layers[layer] = LayerEntries(*merged, frames=entries.frames)
+
+    def _dyme_update(
+        self,
+        layer: str,
+        entries: LayerEntries,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        outputs: torch.Tensor,
+        after: torch.Tensor | None,
+    ) -> None:
+        """A static DyMe bank's update: the frame into the room, [frame | bank], merged.
+
+        With extended attention the processor has attended (``extended``) before recording,
+        which put this frame's K, V there already: only O is new.
+        """
+        new = (keys, values, outputs)[2 if self.config.extended_attention else 0 :]
+        dyme_update(
+            *entries.joint,
+            list(new),
+            outputs if after is None else after,
+            self._draws[layer],
+            self.config.merge_ratio,
+            self._matcher is best_match,
+            self.aside,
+            self._update_flag,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
 

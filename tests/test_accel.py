@@ -203,6 +203,43 @@ def test_compiled_update_frames_merge_the_banks_own_tensors(tiny_model_taesd):
     torch._dynamo.reset()
 
 
+def test_one_compiled_graph_serves_frames_that_update_the_bank_and_frames_that_do_not(
+    tiny_model_taesd,
+):
+    """With the DyMe update beside the frame, its operator decides whether to act when it runs,
+    not when it is traced: the UNet compiles once for both kinds of frame (one wait instead of
+    two on a first run), and only frames that update the bank change it."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):  # counts what torch.compile traces, runs it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    model = tiny_model_taesd
+    stream = StreamV2V(model, StreamConfig(), BANKS["dyme"], prompt="ink", accel="static")
+    for frame in video(6):
+        stream.push(frame)
+    step, bank = stream._fast, stream.bank
+    step.unet = torch.compile(model.pipe.unet, backend=backend, dynamic=False)
+    bank.make_static(aside=True)
+
+    def stored() -> list[torch.Tensor]:  # the bank's tokens, after the room for the frame's
+        return [t[:, e.lead :].clone() for e in bank.layers.values() for t in e.joint]
+
+    with torch.inference_mode():
+        before = stored()
+        with bank.step_as(False):
+            step._body()
+        traced = len(graphs)
+        assert traced and all(torch.equal(a, b) for a, b in zip(before, stored()))
+        with bank.step_as(True):
+            step._body()
+        assert len(graphs) == traced  # not traced again
+        assert not any(torch.equal(a, b) for a, b in zip(before, stored()))
+    torch._dynamo.reset()
+
+
 def test_a_saved_fast_stream_continues_exactly(tiny_model_taesd, tmp_path):
     frames = video(14)
     a = StreamV2V(tiny_model_taesd, StreamConfig(), BANKS["dyme"], prompt="ink", accel="static")
