@@ -153,7 +153,7 @@ class StreamV2VSampler:
                     {
                         "default": DEFAULT_ACCEL,
                         "tooltip": "compile: torch.compile + CUDA graphs, fastest (the first run "
-                        "at a new size compiles for two to three minutes, cached on disk). graphs: "
+                        "at a new size compiles for one to two minutes, cached on disk). graphs: "
                         "CUDA graphs only, starts in seconds. off: plain PyTorch. Without an "
                         "NVIDIA GPU, plain PyTorch runs and the node says so; where compiling "
                         "fails (no C compiler for Triton), CUDA graphs run and the node says why.",

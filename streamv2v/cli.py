@@ -88,7 +88,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=USER_ACCEL_MODES,
         default=DEFAULT_ACCEL,
         help="on an NVIDIA GPU: compile (torch.compile + CUDA graphs, fastest; the first run at "
-        "a size compiles for two to three minutes, cached on disk), graphs (CUDA graphs only, "
+        "a size compiles for one to two minutes, cached on disk), graphs (CUDA graphs only, "
         "starts in seconds) or off (plain PyTorch); elsewhere plain PyTorch runs, and where "
         "compiling fails, CUDA graphs (default: compile)",
     )
