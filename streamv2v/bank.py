@@ -184,9 +184,9 @@ def fill_room(joint: torch.Tensor, x: torch.Tensor, compiled: bool) -> None:
     """The frame's tokens into the room in front of a static bank's tokens (``compiled``: by
     Inductor's kernel, on the compiled GPU path).
 
-    An operator (in update frames) for ``dyme_update``'s sake: a room filled by a plain copy
-    may be a copy of the bank's tensor that is written back at the end of the graph, after the
-    merge read the room; writes by operators reach the tensor itself.
+    An operator (wherever the update runs beside the frame) for ``dyme_update``'s sake: a room
+    filled by a plain copy may be a copy of the bank's tensor that is written back at the end of
+    the graph, after the merge read the room; writes by operators reach the tensor itself.
     """
     (_compiled_fill() if compiled and joint.device.type == "cuda" else _fill)(joint, x)
 
