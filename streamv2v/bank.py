@@ -619,7 +619,8 @@ class FeatureBank:
         """Absorb this frame's pre-fusion K, V, O for ``layer`` if this call is an update.
 
         ``after``: the layer's result (after fusion), which an update beside the frame waits
-        for (``dyme_update``); ``outputs`` when not given.
+        for (``dyme_update``); ``outputs`` when not given. An update beside the frame is
+        called in every frame and decides itself, when it runs, whether the frame updates.
         """
         entries = self.layers.get(layer)
         if self.aside and entries is not None:  # the operator decides when it runs

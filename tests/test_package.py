@@ -177,7 +177,7 @@ def test_engine_imports_only_declared_dependencies() -> None:
     # A module the engine imports but requirements.txt does not declare would work here and
     # fail in a user's ComfyUI. torch, numpy and Pillow come with ComfyUI itself; xformers,
     # torchvision (RAFT flow for the metrics), triton (the fused DyMe kernel; CUDA torch
-    # brings it) and flash_attn (flash-attn-4, Hopper self-attention) are optional, used only
+    # brings it) and flash_attn (flash-attn-4, for self-attention) are optional, used only
     # where installed.
     provided = set().union(
         *(distribution_modules().get(canonicalize_name(req.name), set()) for req in requirements())
