@@ -16,8 +16,8 @@ so the step can run on fixed buffers instead (``StaticStep``):
   TAESD are compiled by ``torch.compile`` (Inductor's fused kernels) before capture, and each
   layer's bank update runs beside the rest of the frame on a stream of its own
   (``bank.dyme_update``, which acts only in frames that update the bank, so one compiled
-  graph serves both kinds). Compiled kernels are cached on disk by Inductor, so a restart
-  pays only the tracing;
+  graph serves both kinds). Inductor caches the compiled kernels on disk, in a folder that
+  outlives a reboot (``compile_cache``), so a restart pays only the tracing;
 - what is the same for every frame is computed once: the prompt's cross-attention keys and
   values (refilled in place when the prompt changes) and every ResNet's time embedding (the
   timesteps are fixed). On the GPU, self-attention's q, k, v come from one matrix product
@@ -31,8 +31,11 @@ reference: the fast path's output equals it within fp16 rounding (tested).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -106,6 +109,63 @@ def _compiled(model: StreamModel, name: str, module: Callable) -> Callable:
         config.cache_size_limit = max(config.cache_size_limit, RECOMPILE_LIMIT)
         cache[name] = torch.compile(module, dynamic=False)
     return cache[name]
+
+
+def compile_cache_dir() -> Path:
+    """The folder for this pack's compiled kernels, one that outlives a reboot.
+
+    Inductor's default is under the system's temp folder, which most Linux systems empty at
+    boot (a tmpfs, or systemd's tmpfiles), so the first run after every reboot compiled again
+    for one to two minutes; the user's cache folder is kept.
+    """
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "streamv2v" / "torchinductor"
+
+
+def chosen_cache_dir() -> str | None:
+    """``TORCHINDUCTOR_CACHE_DIR`` where the user set it (Inductor sets it to its default)."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not chosen:
+        return None
+    try:
+        from torch._inductor.runtime.runtime_utils import default_cache_dir
+    except ImportError:  # a PyTorch that keeps it elsewhere: its folder is left as it is
+        return chosen
+    return None if os.path.abspath(chosen) == os.path.abspath(default_cache_dir()) else chosen
+
+
+@contextmanager
+def compile_cache() -> Iterator[None]:
+    """Compile into ``compile_cache_dir()`` unless the user chose Inductor's folder.
+
+    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it looks at its cache, so the setting
+    is ours only while this pack compiles: other nodes' compiles keep their folder. A folder
+    that cannot be made leaves Inductor's default, with a note in the log.
+    """
+    folder = None if chosen_cache_dir() else compile_cache_dir()
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.info("compiled kernels stay in Inductor's default folder: %s", exc)
+            folder = None
+    if folder is None:
+        yield
+        return
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 def prepare_model(model: StreamModel) -> None:
@@ -277,17 +337,15 @@ class StaticStep:
         the graph must start from the stream's true state.
         """
         s, bank = self.stream, self.stream.bank
-        # What torch.compile specialises on: frame size, stream batch rows, bank, and whether
-        # the frame updates the bank, unless the update runs beside the frame (one graph for
-        # both kinds of frame: ``bank.dyme_update`` decides when it runs, not when traced).
-        apart = updating and not bank.aside
-        variant = ("compiled", self.input.shape, s._embeds.shape, bank.config.kind, apart)
+        # What torch.compile specialises on: frame size, stream batch rows and bank kind; not
+        # whether the frame updates the bank, which the bank's update operators decide when
+        # they run (``FeatureBank.make_static``), so both kinds of frame share one compile.
+        variant = ("compiled", self.input.shape, s._embeds.shape, bank.config.kind)
         if self.mode == "compile" and variant not in s.model.accelerated:
-            part = " (frames that update the bank)" if apart else ""
             s.status(
                 f"compiling the model for {s.output_size[0]}x{s.output_size[1]} frames at "
-                f"{s.steps} steps{part}: one to two minutes the first time, cached on disk for "
-                "later runs"
+                f"{s.steps} steps: one to two minutes the first time, cached on disk for later "
+                "runs"
             )
         saved = {name: t.clone() for name, t in self.state.items()}, bank.snapshot()
         try:
@@ -315,10 +373,13 @@ class StaticStep:
         return graph
 
     def _warm_up(self, updating: bool) -> None:
+        """Run the step uncaptured: torch.compile compiles in the first call, cuDNN tunes."""
         side = torch.cuda.Stream(device=self.input.device)
         side.wait_stream(torch.cuda.current_stream())
+        cache = compile_cache() if self.mode == "compile" else nullcontext()
         try:
-            with torch.cuda.stream(side), _cudnn_tuned(), self.stream.bank.step_as(updating):
+            bank = self.stream.bank
+            with torch.cuda.stream(side), _cudnn_tuned(), cache, bank.step_as(updating):
                 for _ in range(WARMUP_CALLS):
                     self._body()
         finally:

@@ -248,6 +248,43 @@ def _(keys, values, outputs, frame, after, draws, ratio, fused, aside, updating)
     return None
 
 
+@torch.library.custom_op("streamv2v::queue_update", mutates_args=())
+def queue_update(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    outputs: torch.Tensor,
+    frame: list[torch.Tensor],
+    after: torch.Tensor,
+    lead: int,
+    updating: torch.Tensor,
+) -> None:
+    """A full static queue's update of one layer, in place: the oldest frame's tokens out, the
+    frame's K, V, O in at the end.
+
+    ``keys``, ``values``, ``outputs`` are the layer's joint tensors (``lead`` tokens of room,
+    then the stored frames). Like ``dyme_update`` it reads the bank's flag ``updating`` when it
+    runs, so one compiled UNet serves both kinds of frame, and it declares no write: torch.compile
+    would otherwise copy the whole queue of every layer in every frame and write the copy back.
+    ``after`` (the layer's result) orders the call after this layer's reads of the bank, the only
+    ones in the frame; ``has_side_effect`` below keeps a call that returns nothing in the graph.
+    """
+    if not updating:
+        return
+    tokens = frame[0].shape[1]
+    for joint, x in zip((keys, values, outputs), frame):
+        stored = joint[:, lead:]
+        stored[:, :-tokens] = stored[:, tokens:].clone()
+        stored[:, -tokens:] = x
+
+
+@queue_update.register_fake
+def _(keys, values, outputs, frame, after, lead, updating) -> None:
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.streamv2v.queue_update.default)
+
+
 def join_updates(device: torch.device) -> None:
     """Make the current stream wait for the bank updates started beside it on ``device``."""
     device = torch.device(device)
@@ -437,7 +474,7 @@ class FeatureBank:
         self._updating = False
         self._draws: dict[str, torch.Tensor] = {}
         self._matcher = best_match_reference
-        self.aside = False  # a static DyMe bank updated beside the frame (``make_static``)
+        self.aside = False  # a static bank for the compiled fast path (``make_static``)
 
     @property
     def _updating(self) -> bool:
@@ -518,10 +555,13 @@ class FeatureBank:
     def make_static(self, aside: bool = False) -> None:
         """Own the stored tensors and update them in place from now on (see the class doc).
 
-        With ``aside`` a DyMe update runs beside the rest of its frame (``dyme_update``): the
-        compiled fast path asks for it, where the merge is compiled as well.
+        Every layer's update is then an operator that the UNet calls in every frame and that
+        reads the bank's flag when it runs (``dyme_update``, ``queue_update``), so a traced UNet
+        serves frames that update the bank and frames that do not. The compiled fast path asks
+        for ``aside``: the frame's tokens go into the room by operator too (``fill_room``), and
+        a DyMe merge runs beside the rest of its frame, compiled as well.
         """
-        aside = aside and self.config.kind == "dyme"
+        aside = aside and self.config.enabled
         if self.static:
             if aside != self.aside:  # graphs captured the other way must be captured again
                 self.aside = aside
@@ -618,13 +658,19 @@ class FeatureBank:
     ) -> None:
         """Absorb this frame's pre-fusion K, V, O for ``layer`` if this call is an update.
 
-        ``after``: the layer's result (after fusion), which an update beside the frame waits
-        for (``dyme_update``); ``outputs`` when not given. An update beside the frame is
-        called in every frame and decides itself, when it runs, whether the frame updates.
+        ``after``: the layer's result (after fusion), which a static bank's update is ordered
+        after (``dyme_update``, ``queue_update``); ``outputs`` when not given. A static bank's
+        update is called in every frame and decides itself, when it runs, whether the frame
+        updates.
         """
         entries = self.layers.get(layer)
-        if self.aside and entries is not None:  # the operator decides when it runs
-            self._dyme_update(layer, entries, keys, values, outputs, after)
+        if self.static and entries is not None:  # by an operator that decides when it runs
+            after = outputs if after is None else after
+            if self.config.kind == "queue":
+                frame = [keys, values, outputs]
+                queue_update(*entries.joint, frame, after, entries.lead, self._update_flag)
+            else:
+                self._dyme_update(layer, entries, keys, values, outputs, after)
             return
         if not self._updating:
             return
@@ -639,24 +685,17 @@ class FeatureBank:
                 self.layers[layer] = LayerEntries(*merged, frames=entries.frames + 1)
                 self.generation += 1
                 return
-            tokens = keys.shape[1]
+            tokens = keys.shape[1]  # full: the oldest frame out, this one in
             merged = tuple(
                 torch.cat([old[:, tokens:], x], dim=1) for old, x in zip(entries.tensors(), new)
             )
-        elif entries.lead:  # a static DyMe bank
-            self._dyme_update(layer, entries, keys, values, outputs, after)
-            return
         else:
             merged = dyme_merge(
                 *(torch.cat([old, x], dim=1) for old, x in zip(entries.tensors(), new)),
                 self.generator,
                 self.config.merge_ratio,
             )
-        if self.static:
-            for old, x in zip(entries.tensors(), merged):
-                old.copy_(x)
-        else:
-            self.layers[layer] = LayerEntries(*merged, frames=entries.frames)
+        self.layers[layer] = LayerEntries(*merged, frames=entries.frames)
 
     def _dyme_update(
         self,
@@ -665,7 +704,7 @@ class FeatureBank:
         keys: torch.Tensor,
         values: torch.Tensor,
         outputs: torch.Tensor,
-        after: torch.Tensor | None,
+        after: torch.Tensor,
     ) -> None:
         """A static DyMe bank's update: the frame into the room, [frame | bank], merged.
 
@@ -676,7 +715,7 @@ class FeatureBank:
         dyme_update(
             *entries.joint,
             list(new),
-            outputs if after is None else after,
+            after,
             self._draws[layer],
             self.config.merge_ratio,
             self._matcher is best_match,

@@ -2,6 +2,8 @@
 torch.compile on a GPU (those cases skip without one)."""
 
 import copy
+import os
+import shutil
 import sys
 import time
 import types
@@ -10,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import streamv2v.accel as accel
 import streamv2v.attention as attention
 from streamv2v.accel import (
     fused_projections,
@@ -85,12 +88,12 @@ CONFIGS = {
 
 def fast_cases():
     """Every bank and configuration for the fixed-buffer and graph paths; compiling takes over
-    a minute per case on a GPU, so ``compile`` is checked on the default steps with a bank
-    that updates and one that does not (it compiles the very step that ``graphs`` replays)."""
+    a minute per case on a GPU, so ``compile`` is checked on the default steps with each bank
+    kind (it compiles the very step that ``graphs`` replays)."""
     for mode, marks in MARKS.items():
         for bank in BANKS:
             for name, config in CONFIGS.items():
-                if mode != "compile" or (name == "4-steps" and bank != "queue2"):
+                if mode != "compile" or name == "4-steps":
                     yield pytest.param(mode, bank, config, marks=marks, id=f"{name}-{bank}-{mode}")
 
 
@@ -172,21 +175,28 @@ def test_fast_path_survives_rollback_reset_and_prompt_change(tiny_model, tiny_mo
         assert_frames_close(got, want, accel)
 
 
-def test_compiled_update_frames_merge_the_banks_own_tensors(tiny_model_taesd):
+@pytest.mark.parametrize("bank", ["dyme", "queue2"])
+def test_compiled_update_frames_update_the_banks_own_tensors(
+    tiny_model_taesd, bank, tmp_path, monkeypatch
+):
     """The compiled UNet of an update frame hands every layer's update the bank's own tensors.
 
     Were it a copy (torch.compile copies a tensor that an operator declares it writes and the
     graph also reads, as feature fusion reads the bank's outputs), the merge running beside the
-    frame would race the copy being written back. Inductor compiles on the CPU too, so its code
-    for the real (tiny) UNet is read here; on a GPU the frames are compared (fast path tests).
+    frame would race the copy being written back, and a queue would be copied whole in every
+    frame; an operator that returns nothing and declares no write must not be dropped either.
+    Inductor compiles on the CPU too, so its code for the real (tiny) UNet is read here; on a
+    GPU the frames are compared (fast path tests).
     """
     import re
 
     from torch._inductor.utils import run_and_get_code
 
+    # Compiled afresh: a cached graph would be read back whatever the operators now declare
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     model = tiny_model_taesd
-    stream = StreamV2V(model, StreamConfig(), BANKS["dyme"], prompt="ink", accel="static")
+    stream = StreamV2V(model, StreamConfig(), BANKS[bank], prompt="ink", accel="static")
     for frame in video(6):
         stream.push(frame)
     step = stream._fast
@@ -195,7 +205,8 @@ def test_compiled_update_frames_merge_the_banks_own_tensors(tiny_model_taesd):
     with torch.inference_mode(), stream.bank.step_as(True):
         _, code = run_and_get_code(step._body)
     lines = [line for c in code for line in c.splitlines()]
-    calls = [line for line in lines if "streamv2v.dyme_update.default(" in line]
+    update = "dyme_update" if bank == "dyme" else "queue_update"
+    calls = [line for line in lines if f"streamv2v.{update}.default(" in line]
     assert len(calls) == len(stream.bank_layers)
     for call in calls:
         joint = call.split("(", 1)[1].split(", ")[:3]
@@ -203,12 +214,13 @@ def test_compiled_update_frames_merge_the_banks_own_tensors(tiny_model_taesd):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("bank", ["dyme", "queue2"])
 def test_one_compiled_graph_serves_frames_that_update_the_bank_and_frames_that_do_not(
-    tiny_model_taesd,
+    tiny_model_taesd, bank
 ):
-    """With the DyMe update beside the frame, its operator decides whether to act when it runs,
-    not when it is traced: the UNet compiles once for both kinds of frame (one wait instead of
-    two on a first run), and only frames that update the bank change it."""
+    """A static bank's update operator decides whether to act when it runs, not when it is
+    traced: the UNet compiles once for both kinds of frame (one wait instead of two on a first
+    run), and only frames that update the bank change it."""
     torch._dynamo.reset()
     graphs = []
 
@@ -217,7 +229,7 @@ def test_one_compiled_graph_serves_frames_that_update_the_bank_and_frames_that_d
         return gm.forward
 
     model = tiny_model_taesd
-    stream = StreamV2V(model, StreamConfig(), BANKS["dyme"], prompt="ink", accel="static")
+    stream = StreamV2V(model, StreamConfig(), BANKS[bank], prompt="ink", accel="static")
     for frame in video(6):
         stream.push(frame)
     step, bank = stream._fast, stream.bank
@@ -606,16 +618,73 @@ def test_default_on_cpu_is_the_plain_path_with_a_note(tiny_model):
     assert stream.accel == "off" and "needs an NVIDIA GPU" in stream.accel_note
 
 
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    """A user cache folder of the test's own, no folder chosen by the user: where this pack's
+    compiled kernels should go."""
+    from torch._inductor.runtime.runtime_utils import default_cache_dir
+
+    # What Inductor sets itself once it has looked for its folder: not the user's choice
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(os, "name", "posix")
+    return tmp_path / "home-cache" / "streamv2v" / "torchinductor"
+
+
+def test_compiled_kernels_go_to_a_folder_that_outlives_a_reboot(kernel_cache):
+    from torch._inductor.runtime.runtime_utils import cache_dir, default_cache_dir
+
+    assert accel.compile_cache_dir() == kernel_cache
+    with accel.compile_cache():
+        assert cache_dir() == str(kernel_cache)
+        if shutil.which("g++") or shutil.which("clang++"):  # Inductor's CPU code needs one
+            add = torch.compile(lambda x: x.sin() + 1, backend="inductor", dynamic=False)
+            torch.testing.assert_close(add(torch.ones(7)), torch.ones(7).sin() + 1)
+            assert list(kernel_cache.rglob("*.py"))  # the generated kernels are there
+    assert cache_dir() == default_cache_dir()  # other compiles keep their folder
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR")  # as before Inductor first looks for it
+    with accel.compile_cache():
+        assert cache_dir() == str(kernel_cache)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_a_kernel_folder_the_user_chose_is_kept(kernel_cache, tmp_path, monkeypatch):
+    from torch._inductor.runtime.runtime_utils import cache_dir
+
+    mine = str(tmp_path / "mine")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
+    with accel.compile_cache():
+        assert cache_dir() == mine
+    assert not kernel_cache.exists()
+
+
+def test_a_kernel_folder_that_cannot_be_made_leaves_inductors_default(
+    kernel_cache, tmp_path, monkeypatch, caplog
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # no folder can be made inside a file
+    from torch._inductor.runtime.runtime_utils import cache_dir, default_cache_dir
+
+    with caplog.at_level("INFO", logger="streamv2v.accel"), accel.compile_cache():
+        assert cache_dir() == default_cache_dir()
+    assert "stay in Inductor's default folder" in caplog.text
+
+
 @GPU
-def test_compiling_is_announced(tiny_model_taesd):
+@pytest.mark.parametrize("bank", ["dyme", "queue2"])
+def test_compiling_is_announced(tiny_model_taesd, kernel_cache, bank):
+    torch._dynamo.reset()  # a model of the same shapes compiled before would be reused
     model = on_device(tiny_model_taesd, "compile")
     said = []
-    stream = StreamV2V(model, StreamConfig(), BANKS["dyme"], accel="compile", on_status=said.append)
+    stream = StreamV2V(model, StreamConfig(), BANKS[bank], accel="compile", on_status=said.append)
     list(stream.process(video(8)))
-    assert len(said) == 2  # one graph for frames that only read the bank, one that update it
-    assert all(text.startswith("compiling the model for 32x24 frames at 4 steps") for text in said)
-    assert "update the bank" in said[1]
+    assert stream.accel == "compile" and len(stream._fast.graphs) == 2  # both kinds of frame
+    assert len(said) == 1  # compiled once for both
+    assert said[0].startswith("compiling the model for 32x24 frames at 4 steps")
     said.clear()
-    again = StreamV2V(model, StreamConfig(), BANKS["dyme"], accel="compile", on_status=said.append)
+    again = StreamV2V(model, StreamConfig(), BANKS[bank], accel="compile", on_status=said.append)
     list(again.process(video(8)))
     assert said == []  # compiled once per model, size, steps and bank
+    assert list(kernel_cache.rglob("*.py"))  # and kept where a reboot leaves them
