@@ -92,9 +92,9 @@ def resolve_accel(mode: str, device: torch.device) -> tuple[str, str | None]:
     return mode, None
 
 
-# Compiled graphs kept per function: each size, step count and bank kind needs its own, two
-# for a bank (frames that update it, frames that only read it). torch's default of 8 would
-# silently fall back to uncompiled code after a few changes of settings.
+# Compiled graphs kept per function: each size, step count and bank kind needs its own (both
+# kinds of frame share it). torch's default of 8 would silently fall back to uncompiled code
+# after a few changes of settings.
 RECOMPILE_LIMIT = 64
 
 
