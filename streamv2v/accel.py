@@ -118,7 +118,7 @@ def compile_cache_dir() -> Path:
     boot (a tmpfs, or systemd's tmpfiles), so the first run after every reboot compiled again
     for one to two minutes; the user's cache folder is kept.
     """
-    if os.name == "nt":
+    if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
     elif sys.platform == "darwin":
         base = Path.home() / "Library" / "Caches"

@@ -628,7 +628,6 @@ def kernel_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
     monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setattr(os, "name", "posix")
     return tmp_path / "home-cache" / "streamv2v" / "torchinductor"
 
 
@@ -647,6 +646,25 @@ def test_compiled_kernels_go_to_a_folder_that_outlives_a_reboot(kernel_cache):
     with accel.compile_cache():
         assert cache_dir() == str(kernel_cache)
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+@pytest.mark.parametrize(
+    "platform,env,where",
+    [
+        ("win32", {"LOCALAPPDATA": "/users/me/AppData/Local"}, "/users/me/AppData/Local"),
+        ("darwin", {}, "~/Library/Caches"),
+        ("linux", {}, "~/.cache"),
+    ],
+)
+def test_the_kernel_folder_is_the_systems_cache_folder(
+    kernel_cache, monkeypatch, platform, env, where
+):
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(sys, "platform", platform)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    want = accel.Path(where).expanduser() / "streamv2v" / "torchinductor"
+    assert accel.compile_cache_dir() == want
 
 
 def test_a_kernel_folder_the_user_chose_is_kept(kernel_cache, tmp_path, monkeypatch):
