@@ -14,10 +14,10 @@ so the step can run on fixed buffers instead (``StaticStep``):
   encodes outside the graph);
 - with ``compile`` the UNet (bank reads and updates included, traced in the same graph) and
   TAESD are compiled by ``torch.compile`` (Inductor's fused kernels) before capture, and each
-  layer's bank update runs beside the rest of the frame on a stream of its own
-  (``bank.dyme_update``, which acts only in frames that update the bank, so one compiled
-  graph serves both kinds). Inductor caches the compiled kernels on disk, in a folder that
-  outlives a reboot (``compile_cache``), so a restart pays only the tracing;
+  layer's DyMe merge runs beside the rest of the frame on a stream of its own
+  (``bank.dyme_update``; the bank's update operators act only in frames that update the bank,
+  so one compiled graph serves both kinds). Inductor caches the compiled kernels on disk, in
+  a folder that outlives a reboot (``compile_cache``), so a restart pays only the tracing;
 - what is the same for every frame is computed once: the prompt's cross-attention keys and
   values (refilled in place when the prompt changes) and every ResNet's time embedding (the
   timesteps are fixed). On the GPU, self-attention's q, k, v come from one matrix product

@@ -184,9 +184,9 @@ def fill_room(joint: torch.Tensor, x: torch.Tensor, compiled: bool) -> None:
     """The frame's tokens into the room in front of a static bank's tokens (``compiled``: by
     Inductor's kernel, on the compiled GPU path).
 
-    An operator (wherever the update runs beside the frame) for ``dyme_update``'s sake: a room
-    filled by a plain copy may be a copy of the bank's tensor that is written back at the end of
-    the graph, after the merge read the room; writes by operators reach the tensor itself.
+    An operator (on the compiled path) for ``dyme_update``'s sake: a room filled by a plain copy
+    may be a copy of the bank's tensor that is written back at the end of the graph, after the
+    merge read the room; writes by operators reach the tensor itself.
     """
     (_compiled_fill() if compiled and joint.device.type == "cuda" else _fill)(joint, x)
 
@@ -469,20 +469,19 @@ class FeatureBank:
         self.seed: int | None = None
         self.static = False
         self.generation = 0
-        # Whether this UNet call is absorbed, also as a tensor for ``dyme_update`` to read
+        # Whether this UNet call is absorbed: a CPU tensor, which the static bank's update
+        # operators read when they run (``dyme_update``, ``queue_update``)
         self._update_flag = torch.zeros((), dtype=torch.bool)
-        self._updating = False
         self._draws: dict[str, torch.Tensor] = {}
         self._matcher = best_match_reference
         self.aside = False  # a static bank for the compiled fast path (``make_static``)
 
     @property
     def _updating(self) -> bool:
-        return self._absorbing
+        return bool(self._update_flag)
 
     @_updating.setter
     def _updating(self, value: bool) -> None:
-        self._absorbing = value
         with torch.inference_mode():  # the flag may be an inference tensor, or not
             self._update_flag.fill_(value)
 
@@ -669,8 +668,20 @@ class FeatureBank:
             if self.config.kind == "queue":
                 frame = [keys, values, outputs]
                 queue_update(*entries.joint, frame, after, entries.lead, self._update_flag)
-            else:
-                self._dyme_update(layer, entries, keys, values, outputs, after)
+                return
+            # DyMe: with extended attention the processor has attended (``extended``) before
+            # recording, which put this frame's K, V into the room already: only O is new.
+            frame = [keys, values, outputs][2 if self.config.extended_attention else 0 :]
+            dyme_update(
+                *entries.joint,
+                frame,
+                after,
+                self._draws[layer],
+                self.config.merge_ratio,
+                self._matcher is best_match,
+                self.aside,
+                self._update_flag,
+            )
             return
         if not self._updating:
             return
@@ -696,32 +707,6 @@ class FeatureBank:
                 self.config.merge_ratio,
             )
         self.layers[layer] = LayerEntries(*merged, frames=entries.frames)
-
-    def _dyme_update(
-        self,
-        layer: str,
-        entries: LayerEntries,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        outputs: torch.Tensor,
-        after: torch.Tensor,
-    ) -> None:
-        """A static DyMe bank's update: the frame into the room, [frame | bank], merged.
-
-        With extended attention the processor has attended (``extended``) before recording,
-        which put this frame's K, V there already: only O is new.
-        """
-        new = (keys, values, outputs)[2 if self.config.extended_attention else 0 :]
-        dyme_update(
-            *entries.joint,
-            list(new),
-            after,
-            self._draws[layer],
-            self.config.merge_ratio,
-            self._matcher is best_match,
-            self.aside,
-            self._update_flag,
-        )
 
     # -- checkpoints ---------------------------------------------------------------------------
 

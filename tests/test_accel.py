@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.runtime.runtime_utils import cache_dir, default_cache_dir  # Inductor's
 
 import streamv2v.accel as accel
 import streamv2v.attention as attention
@@ -622,8 +623,6 @@ def test_default_on_cpu_is_the_plain_path_with_a_note(tiny_model):
 def kernel_cache(tmp_path, monkeypatch):
     """A user cache folder of the test's own, no folder chosen by the user: where this pack's
     compiled kernels should go."""
-    from torch._inductor.runtime.runtime_utils import default_cache_dir
-
     # What Inductor sets itself once it has looked for its folder: not the user's choice
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
@@ -632,8 +631,6 @@ def kernel_cache(tmp_path, monkeypatch):
 
 
 def test_compiled_kernels_go_to_a_folder_that_outlives_a_reboot(kernel_cache):
-    from torch._inductor.runtime.runtime_utils import cache_dir, default_cache_dir
-
     assert accel.compile_cache_dir() == kernel_cache
     with accel.compile_cache():
         assert cache_dir() == str(kernel_cache)
@@ -668,8 +665,6 @@ def test_the_kernel_folder_is_the_systems_cache_folder(
 
 
 def test_a_kernel_folder_the_user_chose_is_kept(kernel_cache, tmp_path, monkeypatch):
-    from torch._inductor.runtime.runtime_utils import cache_dir
-
     mine = str(tmp_path / "mine")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
     with accel.compile_cache():
@@ -683,8 +678,6 @@ def test_a_kernel_folder_that_cannot_be_made_leaves_inductors_default(
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # no folder can be made inside a file
-    from torch._inductor.runtime.runtime_utils import cache_dir, default_cache_dir
-
     with caplog.at_level("INFO", logger="streamv2v.accel"), accel.compile_cache():
         assert cache_dir() == default_cache_dir()
     assert "stay in Inductor's default folder" in caplog.text
