@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,6 +46,7 @@ from .attention import (
     project_context,
 )
 from .bank import join_updates, self_attention_layers
+from .cachedir import kept_folder
 from .errors import StreamV2VError, describe_failure
 from .modes import ACCEL_MODES
 
@@ -111,22 +110,6 @@ def _compiled(model: StreamModel, name: str, module: Callable) -> Callable:
     return cache[name]
 
 
-def compile_cache_dir() -> Path:
-    """The folder for this pack's compiled kernels, one that outlives a reboot.
-
-    Inductor's default is under the system's temp folder, which most Linux systems empty at
-    boot (a tmpfs, or systemd's tmpfiles), so the first run after every reboot compiled again
-    for one to two minutes; the user's cache folder is kept.
-    """
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "streamv2v" / "torchinductor"
-
-
 def chosen_cache_dir() -> str | None:
     """``TORCHINDUCTOR_CACHE_DIR`` where the user set it (Inductor sets it to its default)."""
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -141,19 +124,13 @@ def chosen_cache_dir() -> str | None:
 
 @contextmanager
 def compile_cache() -> Iterator[None]:
-    """Compile into ``compile_cache_dir()`` unless the user chose Inductor's folder.
+    """Compile into this pack's kept folder (``cachedir``) unless the user chose Inductor's.
 
     Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it looks at its cache, so the setting
     is ours only while this pack compiles: other nodes' compiles keep their folder. A folder
     that cannot be made leaves Inductor's default, with a note in the log.
     """
-    folder = None if chosen_cache_dir() else compile_cache_dir()
-    if folder is not None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            log.info("compiled kernels stay in Inductor's default folder: %s", exc)
-            folder = None
+    folder = None if chosen_cache_dir() else kept_folder("torchinductor", "Inductor")
     if folder is None:
         yield
         return

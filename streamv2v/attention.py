@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .bank import FeatureBank, fuse, self_attention_layers
+from .cachedir import kept_folder
 from .errors import describe_failure
 
 log = logging.getLogger(__name__)
@@ -215,8 +216,7 @@ def load_flash_attention(device: torch.device, dtype: torch.dtype) -> AttentionK
     first frame instead of failing in it. Not installed is no fault and goes unsaid; installed
     but unusable is said, since whoever installed it expects it to run.
     """
-    # Its compiled kernels kept on disk, as Inductor's are, so a restart skips compiling them.
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    keep_flash_kernels()
     try:
         import flash_attn.cute  # noqa: F401
     except ModuleNotFoundError as exc:
@@ -238,6 +238,19 @@ def load_flash_attention(device: torch.device, dtype: torch.dtype) -> AttentionK
     if not error < PROBE_TOLERANCE:  # NaN too
         return _unusable(device, f"its result differs from PyTorch's attention by {error:.3g}")
     return flash_where_faster
+
+
+def keep_flash_kernels() -> None:
+    """flash-attn-4's kernels kept on disk, in this pack's folder that outlives a reboot (as
+    Inductor's are), so a restart or a reboot loads them instead of compiling them again.
+
+    flash-attn-4 reads both settings when it is imported; one the user set is kept.
+    """
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    if "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR" not in os.environ:
+        folder = kept_folder("flash_attention", "flash-attn-4")
+        if folder is not None:
+            os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = str(folder)
 
 
 PROBE_TOLERANCE = 1e-2  # fp16 rounding of values in [-1, 1] is under 1e-3

@@ -7,6 +7,7 @@ import shutil
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +37,7 @@ from streamv2v.attention import (
     sdpa_attention,
 )
 from streamv2v.bank import BankConfig, FeatureBank
+from streamv2v.cachedir import cache_root
 from streamv2v.errors import StreamV2VError
 from streamv2v.kernels import best_match, triton_usable
 from streamv2v.stream import StreamConfig, StreamV2V
@@ -509,7 +511,9 @@ def test_flash_attention_is_picked_only_on_a_gpu(monkeypatch):
         pick_self_attention_kernel.cache_clear()
 
 
-def test_flash_attention_loads_when_it_runs_and_says_why_when_it_does_not(monkeypatch, caplog):
+def test_flash_attention_loads_when_it_runs_and_says_why_when_it_does_not(
+    flash_settings, monkeypatch, caplog
+):
     """Not installed: SDPA, unsaid. Installed and working: its kernel. Installed but failing
     to import, to run its probe or to compute SDPA's result: SDPA, with a warning that names
     the cause and the switch."""
@@ -545,6 +549,40 @@ def test_flash_attention_loads_when_it_runs_and_says_why_when_it_does_not(monkey
     with caplog.at_level("WARNING"):
         assert load_flash_attention(cpu, torch.float32) is None
     assert "OSError: libcute" in caplog.text
+
+
+@pytest.fixture
+def flash_settings(kernel_cache, monkeypatch):
+    """flash-attn-4's cache settings unset, as they are until the pack loads it; the folder
+    where its kernels should go."""
+    for name in ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
+        monkeypatch.setenv(name, "")  # remembered unset, so what loading it sets is undone
+        monkeypatch.delenv(name)
+    return kernel_cache.parent / "flash_attention"
+
+
+def test_flash_attn_4_kernels_go_to_the_folder_that_outlives_a_reboot(
+    flash_settings, tmp_path, monkeypatch
+):
+    fake_flash_attn(monkeypatch)
+    assert load_flash_attention(torch.device("cpu"), torch.float32) is flash_where_faster
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(flash_settings)
+    assert flash_settings.is_dir()
+
+    mine = str(tmp_path / "mine")  # a folder the user chose is kept, and so is "off"
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", mine)
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")
+    load_flash_attention(torch.device("cpu"), torch.float32)
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == mine
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "0"
+
+    blocker = tmp_path / "a-file"  # no folder can be made: flash-attn-4's default stays
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+    load_flash_attention(torch.device("cpu"), torch.float32)
+    assert "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR" not in os.environ
 
 
 def _import_failing(name: str, exc: Exception):
@@ -631,7 +669,6 @@ def kernel_cache(tmp_path, monkeypatch):
 
 
 def test_compiled_kernels_go_to_a_folder_that_outlives_a_reboot(kernel_cache):
-    assert accel.compile_cache_dir() == kernel_cache
     with accel.compile_cache():
         assert cache_dir() == str(kernel_cache)
         if shutil.which("g++") or shutil.which("clang++"):  # Inductor's CPU code needs one
@@ -660,8 +697,7 @@ def test_the_kernel_folder_is_the_systems_cache_folder(
     monkeypatch.setattr(sys, "platform", platform)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    want = accel.Path(where).expanduser() / "streamv2v" / "torchinductor"
-    assert accel.compile_cache_dir() == want
+    assert cache_root() == Path(where).expanduser() / "streamv2v"
 
 
 def test_a_kernel_folder_the_user_chose_is_kept(kernel_cache, tmp_path, monkeypatch):
@@ -678,7 +714,7 @@ def test_a_kernel_folder_that_cannot_be_made_leaves_inductors_default(
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # no folder can be made inside a file
-    with caplog.at_level("INFO", logger="streamv2v.accel"), accel.compile_cache():
+    with caplog.at_level("INFO", logger="streamv2v"), accel.compile_cache():
         assert cache_dir() == default_cache_dir()
     assert "stay in Inductor's default folder" in caplog.text
 
