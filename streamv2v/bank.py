@@ -642,8 +642,8 @@ class FeatureBank:
                 fill_room(joint_k, keys, True)
                 fill_room(joint_v, values, True)
             else:
-                joint_k[:, : entries.lead].copy_(keys)
-                joint_v[:, : entries.lead].copy_(values)
+                _fill(joint_k, keys)
+                _fill(joint_v, values)
             return joint_k, joint_v
         return extend(keys, entries.keys), extend(values, entries.values)
 
