@@ -153,10 +153,11 @@ class StreamV2VSampler:
                     {
                         "default": DEFAULT_ACCEL,
                         "tooltip": "compile: torch.compile + CUDA graphs, fastest (the first run "
-                        "at a new size compiles for one to two minutes, cached on disk). graphs: "
-                        "CUDA graphs only, starts in seconds. off: plain PyTorch. Without an "
-                        "NVIDIA GPU, plain PyTorch runs and the node says so; where compiling "
-                        "fails (no C compiler for Triton), CUDA graphs run and the node says why.",
+                        "at a new size compiles for one to two minutes, two to three on Windows, "
+                        "cached on disk). graphs: CUDA graphs only, starts in seconds. off: plain "
+                        "PyTorch. Without an NVIDIA GPU, plain PyTorch runs and the node says so; "
+                        "where compiling fails (no C compiler for Triton), CUDA graphs run and the "
+                        "node says why.",
                     },
                 ),
             },

@@ -88,9 +88,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=USER_ACCEL_MODES,
         default=DEFAULT_ACCEL,
         help="on an NVIDIA GPU: compile (torch.compile + CUDA graphs, fastest; the first run at "
-        "a size compiles for one to two minutes, cached on disk), graphs (CUDA graphs only, "
-        "starts in seconds) or off (plain PyTorch); elsewhere plain PyTorch runs, and where "
-        "compiling fails, CUDA graphs (default: compile)",
+        "a size compiles for one to two minutes, two to three on Windows, cached on disk), "
+        "graphs (CUDA graphs only, starts in seconds) or off (plain PyTorch); elsewhere plain "
+        "PyTorch runs, and where compiling fails, CUDA graphs (default: compile)",
     )
 
 
