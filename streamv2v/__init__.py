@@ -5,7 +5,7 @@ ComfyUI import. Typical use::
 
     from streamv2v import StreamConfig, StreamV2V, load_model
 
-    model = load_model("dreamshaper_8.safetensors", lcm_lora="lcm-lora-sdv1-5.safetensors",
+    model = load_model("DreamShaper_8_pruned.safetensors", lcm_lora="lcm-lora-sdv1-5.safetensors",
                        vae="models/vae_approx")
     stream = StreamV2V(model, StreamConfig(), prompt="a watercolor painting")
     for frame in stream.process(frames):  # one output per input, aligned

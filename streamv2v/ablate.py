@@ -58,7 +58,7 @@ levels); and the raw frame-to-frame difference of the output. Lower is more cons
 EPILOG = """\
 example:
   python -m streamv2v.ablate clip.mp4 --prompt "a watercolor painting" \\
-    --model models/checkpoints/dreamshaper_8.safetensors \\
+    --model models/checkpoints/DreamShaper_8_pruned.safetensors \\
     --lcm-lora models/loras/lcm-lora-sdv1-5.safetensors --vae models/vae_approx \\
     --width 512 --height 512
 

@@ -33,7 +33,7 @@ when OUTPUT's container cannot hold it). OUTPUT's extension picks the container:
 EPILOG = """\
 example (ComfyUI's model folders):
   python -m streamv2v in.mp4 out.mp4 --prompt "a watercolor painting" \\
-    --model models/checkpoints/dreamshaper_8.safetensors \\
+    --model models/checkpoints/DreamShaper_8_pruned.safetensors \\
     --lcm-lora models/loras/lcm-lora-sdv1-5.safetensors --vae models/vae_approx"""
 
 

@@ -6,7 +6,9 @@ from Chromium's fake camera), read the status boxes, press "Reset bank", save th
 
 Needs a ComfyUI checkout (``COMFYUI_PATH``, server Python ``COMFYUI_PYTHON``), a Chromium
 (``CHROMIUM``, default /usr/bin/chromium; Playwright's own browsers are not used) and the
-``playwright`` package; skipped without them.
+``playwright`` package; skipped without them. ``COMFYUI_FRONT_END_ROOT`` serves another build
+of the frontend (a ``comfyui_frontend_package``'s ``static`` folder) through ``--front-end-root``,
+so a newer frontend than the checkout's pinned one can be checked.
 
     COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/its/python \\
         python -m pytest tests/test_browser.py -m comfyui
@@ -36,6 +38,7 @@ from comfy_server import (  # noqa: E402
 
 COMFYUI_PATH, COMFYUI_PYTHON = comfyui_from_env()
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+FRONT_END_ROOT = os.environ.get("COMFYUI_FRONT_END_ROOT")
 if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(f"no Chromium at {CHROMIUM} (set CHROMIUM)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -60,6 +63,10 @@ UI_TIMEOUT_MS = 30_000
 LOADER, BANK, SAMPLER = "StreamV2VLoadModel", "StreamV2VFeatureBank", "StreamV2VSampler"
 OUR_NODES = (LOADER, "StreamV2VPatchAttention", BANK, SAMPLER)
 STATUS, RESET = "streamv2v_status", "Reset bank"
+MISSING_MODELS_SETTING = "Comfy.Workflow.ShowMissingModelsWarning"
+# Where the frontend lists missing models: a dialog (1.27) or, behind "View details", a panel.
+MISSING_MODELS_DIALOG = '[aria-labelledby="global-missing-models-warning"]'
+MISSING_MODEL_DOWNLOAD = '[data-testid="missing-model-download"]'
 
 # Page-side helpers, defined once per page (window.t) so each call below stays short.
 HELPERS = """([STATUS, RUN_TIMEOUT_MS]) => {
@@ -98,12 +105,19 @@ def server(comfy_models_dir: Path) -> Iterator[ComfyServer]:
     if check.returncode != 0:
         pytest.skip(f"{COMFYUI_PYTHON} cannot run ComfyUI and its frontend: {check.stderr[-300:]}")
     srv = ComfyServer(
-        COMFYUI_PATH, {PACK_FOLDER: ROOT}, python=COMFYUI_PYTHON, models_dir=comfy_models_dir
+        COMFYUI_PATH,
+        {PACK_FOLDER: ROOT},
+        python=COMFYUI_PYTHON,
+        models_dir=comfy_models_dir,
+        extra_args=["--front-end-root", FRONT_END_ROOT] if FRONT_END_ROOT else (),
     )
     srv.start()
     try:
         # Not a first visit: the frontend would open the template browser by itself.
         srv.post("/settings/Comfy.TutorialCompleted", True)
+        # The templates' models are not here (tiny ones stand in): the frontend's missing-models
+        # dialog would cover the canvas. Its own test turns it back on.
+        srv.post(f"/settings/{MISSING_MODELS_SETTING}", False)
         yield srv
     finally:
         srv.stop()
@@ -159,6 +173,13 @@ class Page:
         assert box is not None and box.is_visible(), f"{node_type}: no status box on screen"
         return box.input_value()
 
+    def node_status_box(self, node_type: str) -> Any:
+        """In Nodes 2.0, the last text box the node's own element draws; it must be on screen."""
+        node_id = self.js("(type) => t.node(type).id", node_type)
+        box = self.page.locator(f'[data-node-id="{node_id}"] textarea').last
+        assert box.is_visible(), f"{node_type}: no status box on screen"
+        return box
+
     def load_template(self) -> None:
         """Open the webcam example as a user does: Templates, the pack, its card."""
         self.page.get_by_text("Templates", exact=True).first.click()
@@ -210,6 +231,24 @@ class Page:
         )
         self.page.mouse.click(x, y)
 
+    def missing_models(self) -> set[str]:
+        """The models the frontend offers to download, as "folder / file" (1.27's wording)."""
+        dialog = self.page.locator(MISSING_MODELS_DIALOG)
+        details = self.page.get_by_text("View details", exact=True)
+        dialog.or_(details).first.wait_for()
+        if dialog.is_visible():
+            rows = dialog.locator("li").filter(has=self.page.get_by_text("Download"))
+            return {row.inner_text().splitlines()[0].strip() for row in rows.all()}
+        details.click()
+        buttons = self.page.locator(MISSING_MODEL_DOWNLOAD)
+        buttons.first.wait_for()
+        offered = set()
+        for button in buttons.all():  # a row: the file name, its folder, then the button
+            row = button.locator("xpath=..")
+            name, folder = row.inner_text().splitlines()[:2]
+            offered.add(f"{folder.strip()} / {name.strip()}")
+        return offered
+
     def close(self) -> None:
         self.context.close()
 
@@ -239,7 +278,7 @@ def saved_value_count(info: dict[str, Any]) -> int:
 def test_extension_loads_without_errors(page: Page) -> None:
     assert page.extension_status == [200]
     assert "StreamV2V.Nodes" in page.js("() => app.extensions.map((e) => e.name)")
-    page.js(f"() => app.graph.add(LiteGraph.createNode('{BANK}'))")
+    page.js(f"() => {{ app.graph.add(LiteGraph.createNode('{BANK}')); }}")
     widgets = page.js(f"() => t.node('{BANK}').widgets.map((w) => [w.name, w.type])")
     assert [name for name, _ in widgets][-2:] == [RESET, STATUS]
     assert page.ours() == []
@@ -300,3 +339,48 @@ def test_saved_workflow_leaves_out_status_and_button(page: Page, server) -> None
     assert reloaded[2] == ""  # a fresh, empty status box, not a saved value
     assert reloaded[3] == values[SAMPLER][0]
     assert page.ours() == []
+
+
+def test_template_offers_its_missing_models_for_download(browser: Any, server) -> None:
+    server.post(f"/settings/{MISSING_MODELS_SETTING}", True)
+    tab = Page(browser, server)
+    try:
+        tab.load_template()
+        offered = tab.missing_models()
+    finally:
+        tab.close()
+        server.post(f"/settings/{MISSING_MODELS_SETTING}", False)
+    # The server has tiny stand-ins under other names, and TAESD under its own: these two miss.
+    assert offered == {
+        "checkpoints / DreamShaper_8_pruned.safetensors",
+        "loras / lcm-lora-sdv1-5.safetensors",
+    }
+
+
+def test_nodes_2_0_show_the_status_and_the_reset_button(browser: Any, server) -> None:
+    """The frontend's DOM-drawn nodes ("Nodes 2.0", a setting) carry the same controls."""
+    server.post("/settings/Comfy.VueNodes.Enabled", True)
+    tab = Page(browser, server)
+    try:
+        tab.load_template()
+        # The status box is the last text box a node draws; the Note's text, the first.
+        shown = tab.js(
+            """() => Object.fromEntries(app.graph.nodes.map((n) => [n.comfyClass ?? n.type,
+                [...document.querySelectorAll(`[data-node-id="${n.id}"] textarea`)]
+                  .filter((e) => e.offsetParent !== null).map((e) => e.value)]))"""
+        )
+        if not any(text.startswith("StreamV2V") for text in shown.get("Note", [])):
+            pytest.skip("this frontend's Nodes 2.0 does not draw text widgets yet (1.27)")
+        bank = f"browser-{uuid.uuid4().hex[:8]}"
+        tab.prepare(bank)
+        status = tab.run()
+        assert absorbed(status) > 0
+        tab.page.get_by_role("button", name=RESET, exact=True).click()
+        tab.page.wait_for_function(f"() => !t.status('{BANK}').includes('stream:')")
+        reset = tab.node_status_box(BANK).input_value()
+        assert re.search(r"empty|: 0 frames absorbed", reset), reset
+        assert tab.node_status_box(SAMPLER).input_value() == status
+        assert tab.ours() == []
+    finally:
+        tab.close()
+        server.post("/settings/Comfy.VueNodes.Enabled", False)

@@ -37,7 +37,7 @@ NODE_KEYS = {
 # The model files the README's Models table tells users to download, under the names the
 # workflows use: with these on disk every workflow queues as shipped.
 TYPICAL_MODELS = {
-    "checkpoints": ["dreamshaper_8.safetensors"],
+    "checkpoints": ["DreamShaper_8_pruned.safetensors"],
     "diffusers": [],
     "loras": ["lcm-lora-sdv1-5.safetensors"],
     "vae": [],
@@ -365,3 +365,34 @@ def test_note_says_which_models_to_get(path: Path) -> None:
             assert name in text, f"{path.name}'s note does not name {name}"
     if "webcam" in path.stem:
         assert "Run (Instant)" in text
+
+
+# What ComfyUI's frontend needs to offer a missing model for download (its missing-models
+# dialog in 1.27, its issues panel in 1.58): an https URL on an allowed host, a file name with
+# an allowed suffix, and the folder to save it in.
+DOWNLOAD_HOSTS = ("https://huggingface.co/", "https://civitai.com/")
+LOADER_FOLDERS = {0: "checkpoints", 1: "loras"}  # Load LCM Model's file widgets, by value index
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_models_are_linked_for_download(path: Path) -> None:
+    workflow = load(path)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    declared = list(workflow.get("models", []))
+    for loader in (n for n in workflow["nodes"] if n["type"] == "StreamV2VLoadModel"):
+        models = loader["properties"].get("models", [])
+        declared += models
+        # The frontend links a node's entry only to a widget value of that node.
+        wanted = {(loader["widgets_values"][i], folder) for i, folder in LOADER_FOLDERS.items()}
+        assert {(m["name"], m["directory"]) for m in models} == wanted, path.name
+        if loader["widgets_values"][3] == "taesd":
+            taesd = {(m["name"], m["directory"]) for m in workflow.get("models", [])}
+            assert taesd == {(n, "vae_approx") for n in TYPICAL_MODELS["vae_approx"]}, path.name
+    assert declared, f"{path.name} declares no models"
+    for model in declared:
+        assert set(model) == {"name", "url", "directory"}, model
+        assert model["url"].startswith(DOWNLOAD_HOSTS), model
+        assert model["name"].endswith(".safetensors"), model
+        assert model["name"] in TYPICAL_MODELS[model["directory"]], model
+        repo = "/".join(model["url"].split("/")[:5])  # https://huggingface.co/owner/name
+        assert f"]({repo})" in readme, f"the README's Models table does not link {repo}"
