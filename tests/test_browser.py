@@ -142,6 +142,7 @@ class Page:
         self.page.set_default_timeout(UI_TIMEOUT_MS)
         self.errors: list[str] = []  # console errors and uncaught exceptions, with where
         self.extension_status: list[int] = []
+        self.warnings: list[str] = []  # console warnings (a frontend's deprecation notices)
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda e: self.errors.append(f"{e.message}\n{e.stack}"))
         self.page.on("requestfailed", lambda r: self.errors.append(f"{r.url} {r.failure}"))
@@ -156,6 +157,8 @@ class Page:
     def _console(self, message: Any) -> None:
         if message.type == "error":
             self.errors.append(f"{message.text}\n{message.location.get('url', '')}")
+        elif message.type == "warning":
+            self.warnings.append(message.text)
 
     def ours(self) -> list[str]:
         """Errors from the extension or the routes it calls (ComfyUI logs a few of its own)."""
@@ -282,6 +285,8 @@ def test_extension_loads_without_errors(page: Page) -> None:
     widgets = page.js(f"() => t.node('{BANK}').widgets.map((w) => [w.name, w.type])")
     assert [name for name, _ in widgets][-2:] == [RESET, STATUS]
     assert page.ours() == []
+    # Newer frontends warn when a widget's element is read by its old name.
+    assert not [w for w in page.warnings if "inputEl" in w], page.warnings
 
 
 def test_webcam_stream_grows_the_bank_and_reset_empties_it(page: Page, server) -> None:

@@ -22,9 +22,10 @@ function addStatus(node) {
   // A multiline text box, as ComfyUI draws prompts: a disabled one-line widget would hide its
   // value, and a one-line one would cut the status off.
   const { widget } = ComfyWidgets.STRING(node, STATUS, ["STRING", { multiline: true }], app);
-  widget.inputEl.readOnly = true;
-  widget.inputEl.placeholder = "status: shown after a run";
-  widget.inputEl.style.opacity = 0.7;
+  const box = widget.element; // its old name, inputEl, warns as deprecated in newer frontends
+  box.readOnly = true;
+  box.placeholder = "status: shown after a run";
+  box.style.opacity = 0.7;
   widget.serialize = false; // not in the saved widgets_values: saved workflows stay loadable
   widget.options.serialize = false; // not an input of the queued prompt
 }
