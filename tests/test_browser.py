@@ -16,6 +16,7 @@ so a newer frontend than the checkout's pinned one can be checked.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -183,11 +184,11 @@ class Page:
         assert box.is_visible(), f"{node_type}: no status box on screen"
         return box
 
-    def load_template(self) -> None:
-        """Open the webcam example as a user does: Templates, the pack, its card."""
+    def load_template(self, name: str = WORKFLOW) -> None:
+        """Open one of the pack's examples as a user does: Templates, the pack, its card."""
         self.page.get_by_text("Templates", exact=True).first.click()
         self.page.get_by_text(PACK_FOLDER, exact=True).click()
-        self.page.get_by_text(WORKFLOW, exact=True).click()
+        self.page.get_by_text(name, exact=True).click()
         self.page.wait_for_function(f"() => t.node('{SAMPLER}') && t.node('{BANK}')")
 
     def prepare(self, bank: str) -> None:
@@ -312,6 +313,31 @@ def test_webcam_stream_grows_the_bank_and_reset_empties_it(page: Page, server) -
 
     third = page.run()
     assert frames_in(third) == 1  # a new stream
+    assert page.ours() == []
+
+
+# The VideoHelperSuite example needs that pack, not installed with the test server.
+CORE_TEMPLATES = sorted(
+    p.stem for p in (ROOT / "example_workflows").glob("*.json") if not p.stem.endswith("_vhs")
+)
+
+
+@pytest.mark.parametrize("name", CORE_TEMPLATES)
+def test_template_opens_with_its_nodes_and_values(page: Page, name: str) -> None:
+    page.load_template(name)
+    shipped = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text("utf-8"))
+    opened = page.js(
+        """() => app.graph.nodes.map((n) => [String(n.id), n.type,  // 1.58's ids are strings
+             !!LiteGraph.registered_node_types[n.type],
+             (n.widgets ?? []).filter((w) => w.serialize !== false).map((w) => w.value)])"""
+    )
+    ids = sorted(str(node["id"]) for node in shipped["nodes"])
+    assert sorted(node_id for node_id, *_ in opened) == ids
+    assert all(registered for _, _, registered, _ in opened), opened
+    values = {node_id: widget_values for node_id, _, _, widget_values in opened}
+    for node in shipped["nodes"]:
+        if node["type"] in OUR_NODES:  # every value kept, in place (none reset to a default)
+            assert values[str(node["id"])] == node["widgets_values"], node["type"]
     assert page.ours() == []
 
 
