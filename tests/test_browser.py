@@ -2,7 +2,9 @@
 
 Drives ComfyUI's own frontend in headless Chromium (Playwright) as a user would: open the
 page, pick the webcam example from the template browser, queue it (WebcamCapture grabs a frame
-from Chromium's fake camera), read the status boxes, press "Reset bank", save the workflow.
+from Chromium's fake camera), read the status boxes, press "Reset bank", save the workflow;
+open every example, see its missing models offered for download, and do it all again with the
+frontend's DOM-drawn nodes ("Nodes 2.0").
 
 Needs a ComfyUI checkout (``COMFYUI_PATH``, server Python ``COMFYUI_PYTHON``), a Chromium
 (``CHROMIUM``, default /usr/bin/chromium; Playwright's own browsers are not used) and the
