@@ -109,8 +109,9 @@ def _taesd_encoder() -> str | None:
 
 
 def vae_choices() -> list[str]:
-    choices = [TAESD] if _taesd_encoder() else []
-    return choices + [MODEL_OWN_VAE] + _files("vae")
+    # taesd is listed even before its files are there: the examples choose it, and a run then
+    # says where the files go (resolve_vae) instead of ComfyUI's "Value not in list".
+    return [TAESD, MODEL_OWN_VAE] + _files("vae")
 
 
 def resolve_vae(choice: str) -> str | None:
@@ -121,8 +122,8 @@ def resolve_vae(choice: str) -> str | None:
         if encoder is None:
             raise StreamV2VError(
                 "TAESD needs taesd_encoder and taesd_decoder files in "
-                f"{' or '.join(_folders('vae_approx')) or 'models/vae_approx'}: download them "
-                "(madebyollin/taesd) or pick another VAE"
+                f"{' or '.join(_folders('vae_approx')) or 'models/vae_approx'}: download both from "
+                "huggingface.co/madebyollin/taesd (then press R), or pick another vae"
             )
         return encoder
     return _full_path("vae", choice)

@@ -320,10 +320,10 @@ def test_missing_models_say_where_to_put_them(comfy, monkeypatch):
     monkeypatch.setattr(fp, "get_folder_paths", lambda kind: [f"/nowhere/{kind}"])
     loader = widget_inputs(comfy.nodes["StreamV2VLoadModel"])
     assert loader["model"][0] == ["no models found"]
-    assert loader["vae"][0] == ["model's own"]
+    assert loader["vae"][0] == ["taesd", "model's own"]  # taesd stays, to say what it needs
     with pytest.raises(StreamV2VError, match="/nowhere/checkpoints"):
         load(comfy, model="no models found")
-    with pytest.raises(StreamV2VError, match="/nowhere/vae_approx"):
+    with pytest.raises(StreamV2VError, match="taesd_encoder and taesd_decoder.*/nowhere/vae_app"):
         sys.modules[PACK + ".nodes.comfy"].resolve_vae("taesd")
 
 
