@@ -255,6 +255,12 @@ class Page:
             offered.add(f"{folder.strip()} / {name.strip()}")
         return offered
 
+    def choose_run_mode(self, mode: str) -> None:
+        """Pick an entry of the Run button's menu (its arrow: "Run options" from 1.28 on)."""
+        self.page.locator('button[aria-label="Run options"], .p-splitbutton-dropdown').first.click()
+        entries = self.page.get_by_role("menuitem").or_(self.page.get_by_role("menuitemradio"))
+        entries.filter(has=self.page.get_by_text(mode, exact=True)).click()
+
     def close(self) -> None:
         self.context.close()
 
@@ -315,6 +321,29 @@ def test_webcam_stream_grows_the_bank_and_reset_empties_it(page: Page, server) -
 
     third = page.run()
     assert frames_in(third) == 1  # a new stream
+    assert page.ours() == []
+
+
+def test_run_instant_streams_the_webcam_until_stopped(page: Page) -> None:
+    """What the webcam example's Note says: choose Run (Instant) in the Run button's menu, press
+    the button, and runs follow each other, a camera frame each; choosing Run stops them."""
+    page.load_template()
+    page.prepare(f"browser-{uuid.uuid4().hex[:8]}")
+    page.choose_run_mode("Run (Instant)")
+    page.page.locator('button:has-text("Run (Instant)")').first.click()
+    page.page.wait_for_function(
+        f"() => /stream: ([5-9]|\\d\\d+) frames in/.test(t.status('{SAMPLER}') ?? '')",
+        timeout=RUN_TIMEOUT_MS,
+    )
+    page.choose_run_mode("Run")
+    frames = frames_in(page.status(SAMPLER))
+    for _ in range(20):  # the run under way, and any already queued, end
+        page.page.wait_for_timeout(1500)
+        frames, before = frames_in(page.status(SAMPLER)), frames
+        if frames == before:
+            break
+    page.page.wait_for_timeout(3000)
+    assert frames_in(page.status(SAMPLER)) == frames  # no run follows
     assert page.ours() == []
 
 
