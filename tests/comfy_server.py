@@ -62,6 +62,18 @@ def comfyui_from_env() -> tuple[str, str]:
     return path, os.environ.get("COMFYUI_PYTHON") or sys.executable
 
 
+def packs_under_test(pack_folder: str, pack_root: Path) -> dict[str, Path]:
+    """This pack, plus the packs named in ``COMFYUI_EXTRA_NODES`` (folders, separated as in
+    PATH), such as ComfyUI-VideoHelperSuite, which one example workflow needs."""
+    packs = {pack_folder: pack_root}
+    for folder in filter(None, os.environ.get("COMFYUI_EXTRA_NODES", "").split(os.pathsep)):
+        path = Path(folder).resolve()
+        if not path.is_dir():
+            raise ComfyError(f"COMFYUI_EXTRA_NODES names {folder}, which is not a folder")
+        packs[path.name] = path
+    return packs
+
+
 def place_tiny_models(root: Path, diffusers_dir: Path, lcm_lora: Path, taesd_dir: Path) -> Path:
     """ComfyUI model folders under ``root`` holding the tests' tiny models: the diffusers
     model as ``diffusers/tiny-sd15``, the stand-in LCM-LoRA as ``loras/lcm-lora-tiny.safetensors``

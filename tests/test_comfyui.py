@@ -32,6 +32,7 @@ from comfy_server import (  # noqa: E402
     import_failures,
     input_spec,
     nodes_of_type,
+    packs_under_test,
     set_inputs,
     ui_to_api,
 )
@@ -160,7 +161,10 @@ def comfyui_python() -> str:
 @pytest.fixture(scope="module")
 def server(comfyui_python: str, comfy_models_dir: Path):
     srv = ComfyServer(
-        COMFYUI_PATH, {PACK_FOLDER: ROOT}, python=comfyui_python, models_dir=comfy_models_dir
+        COMFYUI_PATH,
+        packs_under_test(PACK_FOLDER, ROOT),
+        python=comfyui_python,
+        models_dir=comfy_models_dir,
     )
     srv.start()
     try:
@@ -288,6 +292,33 @@ def test_video_workflow_keeps_frame_count_and_rate(
     video = probe(server.output_dir / saved["subfolder"] / saved["filename"])
     assert len(video["frames"]) == 9
     assert video["fps"] == 12
+    assert (video["width"], video["height"]) == (WIDTH, HEIGHT)
+
+
+def test_vhs_workflow_restyles_a_video_in_chunks_as_one_stream(
+    server: ComfyServer, object_info: dict[str, Any], tmp_path: Path
+) -> None:
+    """VideoHelperSuite's meta batch loads a long video a chunk per run and queues the next
+    run itself; the bank carries the stream from chunk to chunk into one saved video."""
+    if "VHS_LoadVideo" not in object_info:
+        pytest.skip("ComfyUI-VideoHelperSuite is not installed (COMFYUI_EXTRA_NODES)")
+    bank = "test-vhs-chunks"
+    prompt = api_prompt("streamv2v_video_vhs.json", object_info, bank=bank)
+    clip = upload_video(server, tmp_path, "long.mp4", frames=10, fps=12, width=WIDTH, height=HEIGHT)
+    set_inputs(prompt, "VHS_LoadVideo", video=clip)
+    set_inputs(prompt, "VHS_BatchManager", frames_per_batch=4)  # chunks of 4, 4 and 2 frames
+    set_inputs(prompt, "VHS_VideoCombine", filename_prefix=bank)
+    succeeded(server.run(prompt), server)
+    deadline = time.monotonic() + 300
+    while server.get("/queue")["queue_running"] or server.get("/queue")["queue_pending"]:
+        assert time.monotonic() < deadline, "the chunks' runs did not end"
+        time.sleep(0.5)
+    stats = bank_stats(server, bank)
+    assert (stats["runs"], stats["frames_in"]) == (3, 10), stats
+    (saved,) = server.output_dir.glob(f"{bank}_*.mp4")
+    video = probe(saved)
+    assert len(video["frames"]) == 10
+    assert video["fps"] == 12  # the loaded video's rate, through VHS_VideoInfoLoaded
     assert (video["width"], video["height"]) == (WIDTH, HEIGHT)
 
 
