@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -293,6 +294,30 @@ def test_video_workflow_keeps_frame_count_and_rate(
     assert len(video["frames"]) == 9
     assert video["fps"] == 12
     assert (video["width"], video["height"]) == (WIDTH, HEIGHT)
+
+
+def test_temporal_consistency_measures_the_video_workflow(
+    server: ComfyServer, object_info: dict[str, Any], tmp_path: Path
+) -> None:
+    """The measuring node as a user adds it to the video example: input frames from Get Video
+    Components, output frames from the sampler; its numbers and plot come back."""
+    prompt = api_prompt("streamv2v_video.json", object_info, bank="test-consistency")
+    clip = upload_video(server, tmp_path, "m.mp4", frames=5, width=WIDTH, height=HEIGHT)
+    set_inputs(prompt, "LoadVideo", file=clip)
+    components, sampler = the(prompt, "GetVideoComponents"), the(prompt, "StreamV2VSampler")
+    prompt["90"] = {
+        "class_type": "StreamV2VTemporalConsistency",
+        "inputs": {"input_images": [components, 0], "output_images": [sampler, 0], "flow": "dis"},
+    }
+    result = server.run(prompt)
+    succeeded(result, server)
+    shown = result.outputs["90"]
+    assert re.fullmatch(
+        r"warp error \d+\.\d\d \(OpenCV .* DIS .*\); frame-to-frame difference \d+\.\d\d",
+        shown["text"][0],
+    ), shown["text"]
+    (plot,) = shown["images"]
+    assert Image.open(io.BytesIO(server.view(plot))).size[0] > 0
 
 
 def test_vhs_workflow_restyles_a_video_in_chunks_as_one_stream(
