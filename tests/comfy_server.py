@@ -628,6 +628,15 @@ class ComfyServer:
         """Queue a prompt and wait for it; a failed run is returned, not raised."""
         return self.wait(self.queue(prompt), timeout=timeout)
 
+    def wait_idle(self, timeout: float = 300.0) -> None:
+        """Wait until the queue is empty: runs that a pack queues itself (VideoHelperSuite's
+        meta batch) have no prompt id of ours to wait for."""
+        deadline = time.monotonic() + timeout
+        while (queue := self.get("/queue"))["queue_running"] or queue["queue_pending"]:
+            if time.monotonic() > deadline:
+                raise ComfyError(f"the queue did not empty within {timeout}s: {queue}")
+            time.sleep(0.5)
+
     # -- internals ---------------------------------------------------------------------------
 
     def _write_models_yaml(self) -> Path:

@@ -24,6 +24,7 @@ import re
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ LOADER, BANK, SAMPLER = "StreamV2VLoadModel", "StreamV2VFeatureBank", "StreamV2V
 OUR_NODES = (LOADER, "StreamV2VPatchAttention", BANK, SAMPLER)
 STATUS, RESET = "streamv2v_status", "Reset bank"
 MISSING_MODELS_SETTING = "Comfy.Workflow.ShowMissingModelsWarning"
+NODES_2_0_SETTING = "Comfy.VueNodes.Enabled"  # "Modern Node Design (Nodes 2.0)"
 # Where the frontend lists missing models: a dialog (1.27) or, behind "View details", a panel.
 MISSING_MODELS_DIALOG = '[aria-labelledby="global-missing-models-warning"]'
 MISSING_MODEL_DOWNLOAD = '[data-testid="missing-model-download"]'
@@ -180,12 +182,12 @@ class Page:
         assert box is not None and box.is_visible(), f"{node_type}: no status box on screen"
         return box.input_value()
 
-    def node_status_box(self, node_type: str) -> Any:
-        """In Nodes 2.0, the last text box the node's own element draws; it must be on screen."""
+    def shown_in_node(self, node_type: str) -> str:
+        """``shown`` in Nodes 2.0: the last text box the node's own element draws."""
         node_id = self.js("(type) => t.node(type).id", node_type)
         box = self.page.locator(f'[data-node-id="{node_id}"] textarea').last
         assert box.is_visible(), f"{node_type}: no status box on screen"
-        return box
+        return box.input_value()
 
     def load_template(self, name: str = WORKFLOW) -> None:
         """Open one of the pack's examples as a user does: Templates, the pack, its card."""
@@ -404,15 +406,22 @@ def test_saved_workflow_leaves_out_status_and_button(page: Page, server) -> None
     assert page.ours() == []
 
 
-def test_template_offers_its_missing_models_for_download(browser: Any, server) -> None:
-    server.post(f"/settings/{MISSING_MODELS_SETTING}", True)
+@contextmanager
+def tab_with(browser: Any, server: ComfyServer, setting: str) -> Iterator[Page]:
+    """A tab opened with a frontend setting on, which the other tests keep off."""
+    server.post(f"/settings/{setting}", True)
     tab = Page(browser, server)
     try:
-        tab.load_template()
-        offered = tab.missing_models()
+        yield tab
     finally:
         tab.close()
-        server.post(f"/settings/{MISSING_MODELS_SETTING}", False)
+        server.post(f"/settings/{setting}", False)
+
+
+def test_template_offers_its_missing_models_for_download(browser: Any, server) -> None:
+    with tab_with(browser, server, MISSING_MODELS_SETTING) as tab:
+        tab.load_template()
+        offered = tab.missing_models()
     # The server has tiny stand-ins under other names, and TAESD under its own: these two miss.
     assert offered == {
         "checkpoints / DreamShaper_8_pruned.safetensors",
@@ -422,9 +431,7 @@ def test_template_offers_its_missing_models_for_download(browser: Any, server) -
 
 def test_nodes_2_0_show_the_status_and_the_reset_button(browser: Any, server) -> None:
     """The frontend's DOM-drawn nodes ("Nodes 2.0", a setting) carry the same controls."""
-    server.post("/settings/Comfy.VueNodes.Enabled", True)
-    tab = Page(browser, server)
-    try:
+    with tab_with(browser, server, NODES_2_0_SETTING) as tab:
         tab.load_template()
         note = tab.js(
             """() => [...document.querySelectorAll(
@@ -439,10 +446,7 @@ def test_nodes_2_0_show_the_status_and_the_reset_button(browser: Any, server) ->
         assert absorbed(status) > 0
         tab.page.get_by_role("button", name=RESET, exact=True).click()
         tab.page.wait_for_function(f"() => !t.status('{BANK}').includes('stream:')")
-        reset = tab.node_status_box(BANK).input_value()
+        reset = tab.shown_in_node(BANK)
         assert re.search(r"empty|: 0 frames absorbed", reset), reset
-        assert tab.node_status_box(SAMPLER).input_value() == status
+        assert tab.shown_in_node(SAMPLER) == status
         assert tab.ours() == []
-    finally:
-        tab.close()
-        server.post("/settings/Comfy.VueNodes.Enabled", False)
