@@ -171,7 +171,10 @@ KOHYA_SCALE = tinymodels.LORA_ALPHA / tinymodels.LORA_RANK  # diffusers-format f
 def expected_weight(source, target: str, applied: list[tuple[int, float, float]]) -> torch.Tensor:
     """``W + sum(weight * scale * up @ down)`` for (seed, weight, scale) of each LoRA."""
     component, module = target.split(".", 1)
-    weight = getattr(source, component).get_submodule(module).weight.detach().clone()
+    part = getattr(source, component)
+    if component == "text_encoder":
+        part = tinymodels.text_transformer(part)
+    weight = part.get_submodule(module).weight.detach().clone()
     for seed, strength, scale in applied:
         down, up = tinymodels.lora_deltas(source, seed)[target]
         weight += strength * scale * tinymodels.lora_delta(down, up)
@@ -184,7 +187,7 @@ def assert_fused(model, source, applied, text_applied) -> None:
         want = expected_weight(source, f"unet.{module}", applied)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         assert not torch.equal(got, source.unet.get_submodule(module).weight)
-    got = model.pipe.text_encoder.get_submodule(TEXT).weight
+    got = tinymodels.text_transformer(model.pipe.text_encoder).get_submodule(TEXT).weight
     want = expected_weight(source, f"text_encoder.{TEXT}", text_applied)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert_no_lora_layers(model)

@@ -288,6 +288,13 @@ _UNET_LORA_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.
 _TEXT_LORA_SUFFIXES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
+def text_transformer(text_encoder: CLIPTextModel) -> torch.nn.Module:
+    """The CLIP text transformer, whose module names (``encoder.layers.N...``) LoRA files are
+    written against: transformers 4 nests it in CLIPTextModel as ``text_model``, transformers 5
+    releases make CLIPTextModel that module itself."""
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
 def lora_target_modules(pipe: StableDiffusionPipeline) -> tuple[list[str], list[str]]:
     """What kohya's sd-scripts trains: every transformer-block linear and the 1x1-conv
     ``proj_in``/``proj_out`` in the UNet, attention and MLP linears in the text encoder."""
@@ -302,7 +309,7 @@ def lora_target_modules(pipe: StableDiffusionPipeline) -> tuple[list[str], list[
     ]
     text = [
         name
-        for name, module in pipe.text_encoder.named_modules()
+        for name, module in text_transformer(pipe.text_encoder).named_modules()
         if isinstance(module, torch.nn.Linear) and name.endswith(_TEXT_LORA_SUFFIXES)
     ]
     return unet, text
@@ -342,7 +349,7 @@ def lora_deltas(
     if text_encoder:
         for name in text_targets:
             pairs[f"text_encoder.{name}"] = _lora_pair(
-                pipe.text_encoder.get_submodule(name), generator
+                text_transformer(pipe.text_encoder).get_submodule(name), generator
             )
     return pairs
 
