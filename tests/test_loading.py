@@ -3,6 +3,7 @@ refused with a one-line message that names the file; nothing reaches the network
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import socket
@@ -465,3 +466,21 @@ def test_nothing_reaches_the_network(
         **CPU32,
     )
     assert model.vae_kind == "taesd"
+
+
+def test_single_file_loading_collects_garbage_a_few_times_at_most(
+    monkeypatch, tiny_single_file, tiny_diffusers_dir
+):
+    # accelerate 0.32 ran gc.collect() for every tensor it placed: this tiny checkpoint took
+    # 3.5 minutes to load (requirements.txt keeps it out; this catches a release that does so).
+    calls = 0
+    collect = gc.collect
+
+    def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(gc, "collect", counting)
+    load_model(tiny_single_file, config_dir=tiny_diffusers_dir, **CPU32)
+    assert calls <= 4, f"{calls} full garbage collections while loading one single-file model"
