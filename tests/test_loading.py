@@ -8,6 +8,7 @@ import json
 import shutil
 import socket
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import tinymodels
@@ -171,11 +172,7 @@ KOHYA_SCALE = tinymodels.LORA_ALPHA / tinymodels.LORA_RANK  # diffusers-format f
 
 def expected_weight(source, target: str, applied: list[tuple[int, float, float]]) -> torch.Tensor:
     """``W + sum(weight * scale * up @ down)`` for (seed, weight, scale) of each LoRA."""
-    component, module = target.split(".", 1)
-    part = getattr(source, component)
-    if component == "text_encoder":
-        part = tinymodels.text_transformer(part)
-    weight = part.get_submodule(module).weight.detach().clone()
+    weight = tinymodels.lora_target(source, target).weight.detach().clone()
     for seed, strength, scale in applied:
         down, up = tinymodels.lora_deltas(source, seed)[target]
         weight += strength * scale * tinymodels.lora_delta(down, up)
@@ -188,7 +185,7 @@ def assert_fused(model, source, applied, text_applied) -> None:
         want = expected_weight(source, f"unet.{module}", applied)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         assert not torch.equal(got, source.unet.get_submodule(module).weight)
-    got = tinymodels.text_transformer(model.pipe.text_encoder).get_submodule(TEXT).weight
+    got = tinymodels.lora_target(model.pipe, f"text_encoder.{TEXT}").weight
     want = expected_weight(source, f"text_encoder.{TEXT}", text_applied)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert_no_lora_layers(model)
@@ -473,14 +470,8 @@ def test_single_file_loading_collects_garbage_a_few_times_at_most(
 ):
     # accelerate 0.32 ran gc.collect() for every tensor it placed: this tiny checkpoint took
     # 3.5 minutes to load (requirements.txt keeps it out; this catches a release that does so).
-    calls = 0
-    collect = gc.collect
-
-    def counting(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        return collect(*args, **kwargs)
-
-    monkeypatch.setattr(gc, "collect", counting)
+    collect = mock.Mock(wraps=gc.collect)
+    monkeypatch.setattr(gc, "collect", collect)
     load_model(tiny_single_file, config_dir=tiny_diffusers_dir, **CPU32)
+    calls = collect.call_count
     assert calls <= 4, f"{calls} full garbage collections while loading one single-file model"

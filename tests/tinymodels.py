@@ -288,19 +288,27 @@ _UNET_LORA_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.
 _TEXT_LORA_SUFFIXES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
-def text_transformer(text_encoder: CLIPTextModel) -> torch.nn.Module:
-    """The CLIP text transformer, whose module names (``encoder.layers.N...``) LoRA files are
-    written against: transformers 4 nests it in CLIPTextModel as ``text_model``, transformers 5
-    releases make CLIPTextModel that module itself."""
-    return getattr(text_encoder, "text_model", text_encoder)
+def _lora_roots(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
+    """The module each component's LoRA names are relative to. The text encoder's names
+    (``encoder.layers.N...``) are the CLIP text transformer's: transformers 4 nests it in
+    CLIPTextModel as ``text_model``, transformers 5 releases make CLIPTextModel that module."""
+    text = pipe.text_encoder
+    return {"unet": pipe.unet, "text_encoder": getattr(text, "text_model", text)}
+
+
+def lora_target(pipe: StableDiffusionPipeline, key: str) -> torch.nn.Module:
+    """The module a ``unet.<module>`` / ``text_encoder.<module>`` key of ``lora_deltas`` names."""
+    component, name = key.split(".", 1)
+    return _lora_roots(pipe)[component].get_submodule(name)
 
 
 def lora_target_modules(pipe: StableDiffusionPipeline) -> tuple[list[str], list[str]]:
     """What kohya's sd-scripts trains: every transformer-block linear and the 1x1-conv
     ``proj_in``/``proj_out`` in the UNet, attention and MLP linears in the text encoder."""
+    roots = _lora_roots(pipe)
     unet = [
         name
-        for name, module in pipe.unet.named_modules()
+        for name, module in roots["unet"].named_modules()
         if "attentions" in name
         and (
             (isinstance(module, torch.nn.Linear) and name.endswith(_UNET_LORA_SUFFIXES))
@@ -309,7 +317,7 @@ def lora_target_modules(pipe: StableDiffusionPipeline) -> tuple[list[str], list[
     ]
     text = [
         name
-        for name, module in text_transformer(pipe.text_encoder).named_modules()
+        for name, module in roots["text_encoder"].named_modules()
         if isinstance(module, torch.nn.Linear) and name.endswith(_TEXT_LORA_SUFFIXES)
     ]
     return unet, text
@@ -343,15 +351,10 @@ def lora_deltas(
     """
     generator = torch.Generator().manual_seed(seed)
     unet_targets, text_targets = lora_target_modules(pipe)
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name in unet_targets:
-        pairs[f"unet.{name}"] = _lora_pair(pipe.unet.get_submodule(name), generator)
+    keys = [f"unet.{name}" for name in unet_targets]
     if text_encoder:
-        for name in text_targets:
-            pairs[f"text_encoder.{name}"] = _lora_pair(
-                text_transformer(pipe.text_encoder).get_submodule(name), generator
-            )
-    return pairs
+        keys += [f"text_encoder.{name}" for name in text_targets]
+    return {key: _lora_pair(lora_target(pipe, key), generator) for key in keys}
 
 
 def write_lora_kohya(
