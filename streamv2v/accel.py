@@ -115,7 +115,7 @@ def first_compile_time() -> str:
 
     Inductor compiles its kernels on one thread on Windows (and where
     ``TORCHINDUCTOR_COMPILE_THREADS=1``). From empty caches, an H100 machine's first 4-step
-    DyMe frame at 512 took 164 s on one thread, against 105 to 118 s on 16 (README, Performance).
+    DyMe frame at 512 took 164 s on one thread, against 105 to 118 s on 16 (docs/performance.md).
     """
     from torch._inductor import config
 

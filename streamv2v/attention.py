@@ -134,7 +134,7 @@ def flash_is_faster(
 
     Which kernel wins depends on the GPU, the head size and the batch, not on a rule that
     holds everywhere: on H100 and H200 GPUs at SD1.5's shapes flash-attn-4 is faster at head
-    size 40 with a batch of 4, and slower at head size 80 and at batch 1 (README, Performance). So
+    size 40 with a batch of 4, and slower at head size 80 and at batch 1 (docs/performance.md). So
     each shape is measured here, as the graphs that will run it replay it. torch.compile calls
     this while tracing (its result is a constant of the graph), so the choice costs nothing per
     frame. A kernel that fails at these shapes loses, said once in the log.
@@ -192,7 +192,7 @@ FLASH_SWITCH = "STREAMV2V_FLASH_ATTENTION"
 def pick_self_attention_kernel(device: torch.device, dtype: torch.dtype) -> AttentionKernel | None:
     """FlashAttention-4 for the fast path's self-attention where installed and faster.
 
-    Measured on Hopper GPUs (README, Performance): on an H200 flash-attn-4's kernel beats
+    Measured on Hopper GPUs (docs/performance.md): on an H200 flash-attn-4's kernel beats
     cuDNN's (PyTorch SDPA's pick there) at SD1.5's largest layers, so the step with a bank
     gains 3%; cross-attention (77 keys) keeps SDPA, where cuDNN is faster. Each self-attention
     shape gets the faster of the two on this GPU (``flash_where_faster``), so a GPU where it

@@ -131,7 +131,7 @@ def dyme_merge(
 # update need not hold up the rest of the frame: it runs on a CUDA stream of its own, beside the
 # UNet's later layers and the decode, and the frame ends by waiting for it (``join_updates``).
 # Measured on an H200 (512x512, 4 steps): frames that update the bank took 15.3 ms in line and
-# 14.5 ms beside (README, Performance).
+# 14.5 ms beside (docs/performance.md).
 
 
 def _merge_in_place(
