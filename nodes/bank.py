@@ -23,18 +23,31 @@ class BankHandle:
     each_run: str
 
 
-def describe(name: str) -> str:
-    stats = SESSIONS.get(name).stats()
-    if not stats.get("frames_absorbed"):
-        return f"bank '{name}': empty (fills on the next run)"
-    mib = stats["bytes"] / 2**20
-    text = (
-        f"bank '{name}' ({stats['kind']}): {stats['frames_absorbed']} frames absorbed, "
-        f"{stats['layers']} layers x {stats['tokens_per_layer']} tokens, {mib:.1f} MiB"
-    )
+def describe(name: str, kind: str | None = None) -> str:
+    """The bank's status line; ``kind``: the Feature Bank node's, which its next run will use."""
+    session = SESSIONS.get(name)
+    stats = session.stats()
+    if session.reset_pending:
+        text = f"bank '{name}': emptied when the current run ends"
+    elif (kind or stats.get("kind")) == "none":
+        text = f"bank '{name}': kind none, no bank (plain StreamDiffusion)"
+    elif not stats.get("frames_absorbed"):
+        text = f"bank '{name}': empty (fills on the next run)"
+    else:
+        updates = _count(stats["frames_absorbed"], "update")
+        text = (
+            f"bank '{name}' ({stats['kind']}): {updates}, {stats['layers']} layers x "
+            f"{stats['tokens_per_layer']} tokens, {stats['bytes'] / 2**20:.1f} MiB"
+        )
     if "frames_in" in stats:
-        text += f"; stream: {stats['frames_in']} frames in, output lags {stats['lag']}"
+        text += f"; stream: {_count(stats['frames_in'], 'frame')} in"
+        if stats["lag"]:
+            text += f", output {_count(stats['lag'], 'frame')} behind"
     return text
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class StreamV2VFeatureBank:
@@ -106,6 +119,6 @@ class StreamV2VFeatureBank:
         name = validate_bank_name(name)
         BankConfig(kind=kind, size=size, interval=interval)  # reject settings without effect
         return {
-            "ui": {"text": [describe(name)]},
+            "ui": {"text": [describe(name, kind)]},
             "result": (BankHandle(name, kind, size, interval, each_run),),
         }

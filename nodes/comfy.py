@@ -16,6 +16,7 @@ import torch
 from ..streamv2v.errors import StreamV2VError
 
 NO_MODELS = "no models found"
+NO_LORAS = "no LoRAs found"
 MODEL_OWN_VAE = "model's own"
 TAESD = "taesd"
 DIFFUSERS_PREFIX = "diffusers/"
@@ -93,6 +94,12 @@ def lora_choices() -> list[str]:
 
 
 def resolve_lora(name: str) -> str:
+    if name == NO_LORAS:
+        folders = " or ".join(_folders("loras")) or "models/loras"
+        raise StreamV2VError(
+            f"no LoRAs found: put an SD1.5 LoRA in {folders} (then press R to refresh), or "
+            "remove the Load LoRA node"
+        )
     return _full_path("loras", name)
 
 

@@ -6,6 +6,8 @@ import math
 import uuid
 from pathlib import Path
 
+from ..streamv2v.errors import StreamV2VError
+from ..streamv2v.frames import resize
 from ..streamv2v.metrics import pixel_consistency, warp_error
 
 PLOT_SIZE = (480, 160)
@@ -67,7 +69,10 @@ class StreamV2VTemporalConsistency:
                 "input_images": ("IMAGE", {"tooltip": "The original video frames."}),
                 "output_images": (
                     "IMAGE",
-                    {"tooltip": "The restyled frames, one per input frame, at the same size."},
+                    {
+                        "tooltip": "The restyled frames, one per input frame (at another size, the "
+                        "inputs are resized to it)."
+                    },
                 ),
                 "flow": (
                     ["dis", "farneback"],
@@ -79,6 +84,20 @@ class StreamV2VTemporalConsistency:
     def measure(self, input_images, output_images, flow):
         import folder_paths
 
+        if len(input_images) != len(output_images):
+            raise StreamV2VError(
+                f"input_images has {len(input_images)} frames and output_images "
+                f"{len(output_images)}: connect the sampler's input and output of one run"
+            )
+        if len(input_images) < 2:
+            raise StreamV2VError(
+                "the warp error compares consecutive frames: connect at least 2 frames"
+            )
+        (_, h, w, _), (_, oh, ow, _) = input_images.shape, output_images.shape
+        resized = (h, w) != (oh, ow)
+        if resized:  # the sampler's width/height scaled the video: follow it at that size
+            input_images = resize(input_images.movedim(-1, 1), ow, oh).movedim(1, -1).clamp(0, 1)
+        note = f"; inputs resized from {w}x{h} to {ow}x{oh}" if resized else ""
         result = warp_error(input_images, output_images, flow)
         difference = pixel_consistency(output_images)
         title = f"warp error {result.mean:.2f} ({result.flow_method})"
@@ -87,7 +106,7 @@ class StreamV2VTemporalConsistency:
         return {
             "ui": {
                 "images": [{"filename": name, "subfolder": "", "type": "temp"}],
-                "text": [f"{title}; frame-to-frame difference {difference:.2f}"],
+                "text": [f"{title}; frame-to-frame difference {difference:.2f}{note}"],
             },
             "result": (result.mean, difference),
         }

@@ -76,10 +76,11 @@ def add_routes() -> None:
         try:
             body = await request.json()
             name = body.get("name", "") if isinstance(body, dict) else ""
-            found = SESSIONS.reset(name)
+            done = SESSIONS.reset(name)
         except (ValueError, StreamV2VError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response({"reset": found, "text": describe(name)})
+        # done: True now, False when the run using the bank ends, None: no bank of that name
+        return web.json_response({"reset": done, "text": describe(name)})
 
     @routes.post("/streamv2v/free")
     async def free(request):

@@ -97,7 +97,10 @@ class StreamV2VLoadLoRA:
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "The model to add the LoRA to."}),
-                "lora_name": (comfy.lora_choices(), {"tooltip": "An SD1.5 LoRA (models/loras)."}),
+                "lora_name": (
+                    comfy.lora_choices() or [comfy.NO_LORAS],
+                    {"tooltip": "An SD1.5 LoRA (models/loras)."},
+                ),
                 "strength": (
                     "FLOAT",
                     {
@@ -112,7 +115,11 @@ class StreamV2VLoadLoRA:
         }
 
     def apply(self, model: PatchedModel, lora_name: str, strength: float):
-        return (replace(model, spec=model.spec.with_lora(comfy.resolve_lora(lora_name), strength)),)
+        from ..streamv2v.loading import LoraSpec, check_lora_file
+
+        lora = LoraSpec(comfy.resolve_lora(lora_name), strength)
+        check_lora_file(lora)  # a wrong file is named on this node, not on the sampler
+        return (replace(model, spec=model.spec.with_lora(lora.path, strength)),)
 
 
 class StreamV2VPatchAttention:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..streamv2v.errors import StreamV2VError
 from ..streamv2v.modes import DEFAULT_ACCEL, USER_ACCEL_MODES
 from ..streamv2v.session import PatchedModel
 from ..streamv2v.stream import CFG_TYPES, StreamConfig
@@ -11,12 +12,36 @@ from .loaders import MODEL
 from .state import MODELS, SESSIONS
 
 
+def samplers_sharing(graph: dict | None, node_id: str | None, name: str) -> list[str]:
+    """The other samplers of the queued workflow (``graph``, ComfyUI's API prompt) whose bank
+    comes from a Feature Bank node named ``name``: two samplers would take turns restarting one
+    stream, each undoing the other's, so the run is refused instead."""
+    if not isinstance(graph, dict):
+        return []
+    others = []
+    for other_id, node in graph.items():
+        if str(other_id) == str(node_id) or not isinstance(node, dict):
+            continue
+        if node.get("class_type") != "StreamV2VSampler":
+            continue
+        link = node.get("inputs", {}).get("bank")
+        source = graph.get(str(link[0])) if isinstance(link, list) and link else None
+        if not isinstance(source, dict) or source.get("class_type") != "StreamV2VFeatureBank":
+            continue
+        other = source.get("inputs", {}).get("name")
+        if isinstance(other, str) and other.strip() == name:
+            others.append(str(other_id))
+    return sorted(others)
+
+
 class StreamV2VSampler:
     DESCRIPTION = (
         "Restyles video frames with StreamV2V. A batch of N frames (a video or a chunk of one) "
         "gives N frames, each the translation of its input. A single frame (webcam, Load Image, "
         "Run (Instant)) continues the stream from the previous run: the output lags 'steps - 1' "
-        "frames once the stream is full (before that, the current frame finished early)."
+        "frames once the stream is full (before that, the current frame finished early); right "
+        "after a batch, a single frame is a video's last chunk and comes out in step. A change "
+        "of frame size, model, steps or CFG type starts a new bank, and the node says so."
     )
     CATEGORY = "StreamV2V"
     FUNCTION = "sample"
@@ -135,7 +160,8 @@ class StreamV2VSampler:
                         "min": 0,
                         "max": 4096,
                         "step": 8,
-                        "tooltip": "Output width; 0 keeps the input's.",
+                        "tooltip": "Output width; 0 keeps the input's, or its aspect ratio with a "
+                        "height set.",
                     },
                 ),
                 "height": (
@@ -145,7 +171,8 @@ class StreamV2VSampler:
                         "min": 0,
                         "max": 4096,
                         "step": 8,
-                        "tooltip": "Output height; 0 keeps the input's.",
+                        "tooltip": "Output height; 0 keeps the input's, or its aspect ratio with a "
+                        "width set.",
                     },
                 ),
                 "acceleration": (
@@ -161,7 +188,7 @@ class StreamV2VSampler:
                     },
                 ),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "graph": "PROMPT"},
         }
 
     @classmethod
@@ -187,7 +214,15 @@ class StreamV2VSampler:
         height,
         acceleration=DEFAULT_ACCEL,
         unique_id=None,
+        graph=None,
     ):
+        others = samplers_sharing(graph, unique_id, bank.name)
+        if others:
+            raise StreamV2VError(
+                f"this sampler (node {unique_id}) and node {', '.join(others)} both use bank "
+                f"'{bank.name}': a bank keeps one stream, so give each sampler a Feature Bank "
+                "node of its own with a name of its own"
+            )
         config = StreamConfig(
             steps=steps,
             strength=strength,

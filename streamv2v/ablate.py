@@ -160,11 +160,11 @@ def _read_frames(args: argparse.Namespace) -> tuple[list[np.ndarray], str]:
     """The first --max-frames frames as uint8 arrays, resized to --width/--height if given."""
     import torch
 
-    from .cli import output_size
-    from .frames import resize, to_rgb
+    from .frames import output_size, resize, to_rgb
     from .video import VideoReader
 
     with VideoReader(args.input) as reader:
+        resizing = args.width is not None or args.height is not None
         width, height = output_size(args.width, args.height, reader.width, reader.height)
         frames = list(islice(reader, args.max_frames))
         described = f"{reader.path.name}, {reader.width}x{reader.height}"
@@ -178,7 +178,7 @@ def _read_frames(args: argparse.Namespace) -> tuple[list[np.ndarray], str]:
             f"input video {args.input} has 1 frame: the warp error compares consecutive "
             "frames, give a video with at least 2"
         )
-    if width is not None:
+    if resizing:
         resized = []
         for frame in frames:
             image = resize(to_rgb(frame).permute(2, 0, 1).unsqueeze(0), width, height)

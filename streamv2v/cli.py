@@ -249,43 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def output_size(
-    width: int | None, height: int | None, input_width: int, input_height: int
-) -> tuple[int | None, int | None]:
-    """Fill in the missing side from the input's aspect ratio; (None, None) keeps the input's."""
-    if width is None and height is None:
-        return None, None
-    if width is None:
-        width = max(1, round(height * input_width / input_height))
-    elif height is None:
-        height = max(1, round(width * input_height / input_width))
-    return width, height
-
-
 def _run(args: argparse.Namespace) -> int:
+    from .frames import output_size
     from .video import VideoReader, VideoWriter
 
     with VideoReader(args.input) as reader:
-        width, height = output_size(args.width, args.height, reader.width, reader.height)
         # Created now to check OUTPUT before the model load; the file appears at frame 1.
         writer = VideoWriter(
             args.output,
             reader.fps,
-            width or reader.width,
-            height or reader.height,
+            *output_size(args.width, args.height, reader.width, reader.height),
             audio_from=args.input,
             crf=args.crf,
         )
-        return _stream(args, reader, writer, width, height)
+        return _stream(args, reader, writer)
 
 
-def _stream(
-    args: argparse.Namespace,
-    reader: VideoReader,
-    writer: VideoWriter,
-    width: int | None,
-    height: int | None,
-) -> int:
+def _stream(args: argparse.Namespace, reader: VideoReader, writer: VideoWriter) -> int:
     import torch
     from tqdm import tqdm
 
@@ -301,8 +281,8 @@ def _stream(
         cfg_type=args.cfg_type,
         delta=args.delta,
         seed=args.seed,
-        width=width,
-        height=height,
+        width=args.width,
+        height=args.height,
         similar_filter=args.similar_filter,
         max_skip=args.max_skip,
     )

@@ -49,6 +49,20 @@ def to_rgb(frame: np.ndarray | torch.Tensor, what: str = "frame") -> torch.Tenso
     return frame
 
 
+def output_size(
+    width: int | None, height: int | None, input_width: int, input_height: int
+) -> tuple[int, int]:
+    """The size to return frames at: the input's where neither side is given, and the missing
+    side from the input's aspect ratio where one is, so frames are scaled, never stretched."""
+    if width is None and height is None:
+        return input_width, input_height
+    if width is None:
+        width = max(1, round(height * input_width / input_height))
+    elif height is None:
+        height = max(1, round(width * input_height / input_width))
+    return width, height
+
+
 def processing_size(width: int, height: int) -> tuple[int, int]:
     """The nearest size the VAE accepts (multiples of 8, at least 8) for a frame size."""
 

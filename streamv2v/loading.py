@@ -449,7 +449,9 @@ def _load_single_file(path: Path, dtype: torch.dtype, config_dir: Path):
 # --- LoRAs ------------------------------------------------------------------------------------
 
 
-def _lora_file(spec: LoraSpec, what: str) -> Path:
+def check_lora_file(spec: LoraSpec, what: str = "LoRA") -> Path:
+    """The LoRA's path, once it is known to be a LoRA file: read before a model is loaded (a
+    header only, for .safetensors), so a wrong file is named before minutes of loading."""
     path = _existing(spec.path, what)
     if path.is_dir():
         raise StreamV2VError(f"{what} {str(path)!r} is a folder; give the LoRA .safetensors file")
@@ -474,7 +476,7 @@ def _apply_loras(pipe, loras: Sequence[tuple[LoraSpec, str]]) -> None:
     """Load every LoRA as a named adapter, weight them, fuse, then drop the adapters."""
     names, weights = [], []
     for i, (spec, what) in enumerate(loras):
-        path = _lora_file(spec, what)
+        path = check_lora_file(spec, what)
         name = f"lora{i}"
         kwargs = {"weight_name": path.name, "adapter_name": name, "local_files_only": True}
         try:
@@ -725,7 +727,7 @@ def load_model(
             spec = parse_lora_arg(str(spec))
         lora_list.append((spec, "LoRA"))
     for spec, what in lora_list:  # fail before the slow model load, not after it
-        _lora_file(spec, what)
+        check_lora_file(spec, what)
     if vae is not None:
         _existing(vae, "VAE")
 

@@ -103,7 +103,14 @@ class OpenCVFlow:
 
     def _flow(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if self.method == "dis":
-            return self._dis.calc(a, b, None)
+            try:
+                return self._dis.calc(a, b, None)
+            except self._cv2.error:  # its 8-pixel patches do not fit frames of a few pixels
+                h, w = a.shape[:2]
+                raise StreamV2VError(
+                    f"DIS optical flow cannot follow frames as small as {w}x{h}: use flow "
+                    "'farneback' or larger frames"
+                ) from None
         # OpenCV's documented example settings: 3 levels of halving, 15 px windows.
         return self._cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
 

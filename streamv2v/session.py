@@ -10,13 +10,15 @@ keeps them at module level, where they survive its caches being cleared).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from .bank import BankConfig, FeatureBank
 from .errors import StreamV2VError
+from .frames import output_size, processing_size, to_rgb
 from .loading import LoraSpec, StreamModel, default_dtype, load_model, resolve_device
 from .modes import DEFAULT_ACCEL
 from .stream import StreamConfig, StreamV2V
@@ -148,15 +150,61 @@ class Session:
     bank: FeatureBank | None = None
     stream: StreamV2V | None = None
     key: tuple | None = None
+    # What the bank's tokens were made with (model, frame size, UNet batch rows): tokens of
+    # another model or shape mean nothing to a stream, so a change starts a new bank.
+    layout: tuple | None = None
+    # The stream's last run was a batch (a video, or a chunk of one): a single frame after it
+    # is the video's last chunk, not a live frame.
+    batched: bool = False
+    # The stream was let go with the model (Free Memory, Unload Models); the bank was kept.
+    released: bool = False
     runs: int = 0
     notes: list[str] = field(default_factory=list)
+    _busy: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _reset_pending: bool = False
 
-    def reset(self) -> None:
-        """Empty the bank and end the stream: the next run starts afresh."""
+    def reset(self) -> bool:
+        """Empty the bank and end the stream: the next run starts afresh.
+
+        Reset is asked for from another thread (a button, an HTTP route); during a run it waits
+        for the run to end rather than pull the tensors from under the frames being computed.
+        Returns False when it was left to the run.
+        """
+        if not self._busy.acquire(blocking=False):
+            self._reset_pending = True
+            return False
+        try:
+            self._reset_now()
+        finally:
+            self._busy.release()
+        return True
+
+    @property
+    def reset_pending(self) -> bool:
+        return self._reset_pending
+
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        """Hold the session for a run; a reset asked for meanwhile is done when it ends."""
+        with self._busy:
+            if self._reset_pending:
+                self._reset_now()
+            try:
+                yield
+            finally:
+                if self._reset_pending:
+                    self._reset_now()
+
+    def _reset_now(self) -> None:
         if self.bank is not None:
             self.bank.reset()
-        self.stream = None
-        self.key = None
+        self.stream, self.key, self.layout = None, None, None
+        self.batched = self.released = self._reset_pending = False
+
+    def release(self) -> None:
+        """Let go of the stream (and so of its model); the bank stays."""
+        if self.stream is not None:
+            self.stream, self.key, self.released = None, None, True
 
     def stats(self) -> dict[str, object]:
         stats: dict[str, object] = {"name": self.name, "runs": self.runs}
@@ -165,8 +213,12 @@ class Session:
             tokens = stats["tokens_per_layer"].values()
             stats["tokens_per_layer"] = max(tokens, default=0)  # the largest layer, for display
         if self.stream is not None:
-            stats["frames_in"] = self.stream._next_index
-            stats["lag"] = self.stream.lag
+            frames_in = self.stream._next_index
+            stats["frames_in"] = frames_in
+            # How far a live output is behind its input: nothing in a batch (outputs in step)
+            # or while the stream fills (the frame is finished early).
+            filling = frames_in <= self.stream.lag
+            stats["lag"] = 0 if self.batched or filling else self.stream.lag
         return stats
 
     def run(
@@ -186,43 +238,58 @@ class Session:
 
         N > 1: N outputs, output i translating frame i; with ``continue stream`` the stream is
         left where the last real frame left it, so the next chunk carries on without a seam.
-        N = 1 (a webcam frame, a still): the output ``lag`` frames behind, or while the stream
-        fills, the current frame finished early. A failure leaves bank and stream as they were.
-        ``accel`` and ``on_status`` are ``StreamV2V``'s.
+        N = 1 right after such a batch (a video's last chunk) is a batch too. Any other N = 1
+        (a webcam frame, a still) is a live frame: the output ``lag`` frames behind, or while
+        the stream fills, the current frame finished early. Frames of another size, another
+        model or another step count or CFG type than the bank's start a new bank, with a note.
+        A failure leaves bank and stream as they were. ``accel`` and ``on_status`` are
+        ``StreamV2V``'s.
         """
         if each_run not in EACH_RUN:
             raise StreamV2VError(f"each run must be one of {', '.join(EACH_RUN)}, not {each_run!r}")
         count = len(frames)
         if count == 0:
             raise StreamV2VError("the image batch has no frames: connect at least one image")
-        saved = (self.bank, self.stream, self.key, self.stream and self.stream.checkpoint())
-        self.notes = []
-        try:
-            stream = self._stream_for(model, config, bank_config, each_run, accel)
-            stream.on_status = on_status
-            if (prompt, negative_prompt) != (stream.prompt, stream.negative_prompt):
-                stream.set_prompt(prompt, negative_prompt)
-            if count == 1:
-                outputs = self._live(stream, frames[0])
-                if on_frame is not None:
-                    on_frame(1, 1, outputs[-1])
-            else:
-                outputs = self._batch(stream, frames, each_run, on_frame)
-            if stream.accel_note:  # read after the frames: compiling may have failed on them
-                self.notes.append(stream.accel_note)
-        except BaseException as exc:
-            self.bank, self.stream, self.key, checkpoint = saved
-            if self.stream is not None:
-                self.stream.rollback(checkpoint)
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                h, w = frames[0].shape[:2]
-                raise StreamV2VError(
-                    f"{w}x{h} frames at {len(config.timestep_indices)} steps do not fit in "
-                    "GPU memory: lower width/height, use fewer steps, or free memory"
-                ) from exc
-            raise
-        self.runs += 1
-        return torch.stack(outputs)
+        size = to_rgb(frames[0], "the first image").shape[:2]
+        with self._running():
+            saved = (
+                self.bank,
+                self.stream,
+                self.key,
+                self.layout,
+                self.batched,
+                self.released,
+                self.stream and self.stream.checkpoint(),
+            )
+            self.notes = []
+            try:
+                stream = self._stream_for(model, config, bank_config, each_run, accel, size)
+                stream.on_status = on_status
+                if (prompt, negative_prompt) != (stream.prompt, stream.negative_prompt):
+                    stream.set_prompt(prompt, negative_prompt)
+                if count == 1 and not self.batched:
+                    outputs = self._live(stream, frames[0])
+                    if on_frame is not None:
+                        on_frame(1, 1, outputs[-1])
+                else:
+                    outputs = self._batch(stream, frames, each_run, on_frame)
+                self.batched = count > 1
+                if stream.accel_note:  # read after the frames: compiling may have failed on them
+                    self.notes.append(stream.accel_note)
+            except BaseException as exc:
+                *state, checkpoint = saved
+                self.bank, self.stream, self.key, self.layout, self.batched, self.released = state
+                if self.stream is not None:
+                    self.stream.rollback(checkpoint)
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    h, w = size
+                    raise StreamV2VError(
+                        f"{w}x{h} frames at {len(config.timestep_indices)} steps do not fit in "
+                        "GPU memory: lower width/height, use fewer steps, or free memory"
+                    ) from exc
+                raise
+            self.runs += 1
+            return torch.stack(outputs)
 
     def _stream_for(
         self,
@@ -231,20 +298,28 @@ class Session:
         bank_config: BankConfig,
         each_run: str,
         accel: str,
+        size: tuple[int, int],
     ) -> StreamV2V:
-        key = (id(model), config, bank_config, accel)
+        key = (id(model), config, bank_config, accel, size)
         if self.stream is not None and self.key == key and each_run == "continue stream":
             return self.stream
+        layout = _layout(model, config, size)
         if self.bank is None or self.bank.config != bank_config:
             if self.bank is not None and self.bank.frames_absorbed:
                 self.notes.append("bank settings changed: started a new bank")
             self.bank = FeatureBank(bank_config)
         elif each_run == "start new stream":
             self.bank = FeatureBank(bank_config)
+        elif self.layout != layout and self.bank.frames_absorbed:
+            self.notes.append(f"{_what_changed(self.layout, layout)}: started a new bank")
+            self.bank = FeatureBank(bank_config)
+        elif self.released:
+            self.notes.append("the model was released: new stream, bank kept")
         elif self.stream is not None:
             self.notes.append("settings changed: new stream, bank kept")
         self.stream = StreamV2V(model, config, self.bank, accel=accel)
-        self.key = key
+        self.key, self.layout = key, layout
+        self.batched = self.released = False
         return self.stream
 
     def _live(self, stream: StreamV2V, frame: torch.Tensor) -> list[torch.Tensor]:
@@ -334,12 +409,10 @@ class SessionRegistry:
         name = validate_bank_name(name)
         return self._sessions.setdefault(name, Session(name))
 
-    def reset(self, name: str) -> bool:
+    def reset(self, name: str) -> bool | None:
+        """Reset the named bank: True done, False left to the run using it, None no such bank."""
         session = self._sessions.get(validate_bank_name(name))
-        if session is None:
-            return False
-        session.reset()
-        return True
+        return None if session is None else session.reset()
 
     def names(self) -> list[str]:
         return sorted(self._sessions)
@@ -347,10 +420,34 @@ class SessionRegistry:
     def drop_streams(self) -> None:
         """Let go of every stream (and so of the models they use); banks stay."""
         for session in self._sessions.values():
-            session.stream, session.key = None, None
+            session.release()
 
     def clear(self) -> None:
         self._sessions.clear()
+
+
+def _layout(model: StreamModel, config: StreamConfig, size: tuple[int, int]) -> tuple:
+    """What a bank's tokens depend on: the weights, the size frames are processed at, and the
+    UNet's batch rows (one per step, plus CFG's)."""
+    height, width = size
+    steps = len(config.timestep_indices)
+    rows = {"full": 2 * steps, "initialize": steps + 1}.get(config.cfg_type, steps)
+    return (
+        model.description,
+        processing_size(*output_size(config.width, config.height, width, height)),
+        rows,
+    )
+
+
+def _what_changed(old: tuple | None, new: tuple) -> str:
+    if old is None:
+        return "the bank was filled by another stream"
+    if old[0] != new[0]:
+        return "the model changed"
+    if old[1] != new[1]:
+        (w0, h0), (w1, h1) = old[1], new[1]
+        return f"the frame size changed ({w0}x{h0} to {w1}x{h1} after resizing to multiples of 8)"
+    return "the step count or CFG type changed"
 
 
 def validate_bank_name(name: str) -> str:

@@ -33,7 +33,7 @@ from .accel import StaticStep, resolve_accel, time_embeddings_in_use
 from .attention import bank_processors, pick_attention_kernel
 from .bank import BankConfig, FeatureBank, read_bank_file, self_attention_layers
 from .errors import StreamV2VError
-from .frames import processing_size, resize, to_rgb
+from .frames import output_size, processing_size, resize, to_rgb
 from .modes import DEFAULT_ACCEL
 from .similar import SimilarFrameFilter
 
@@ -57,7 +57,8 @@ def t_index_list_from_strength(strength: float, steps: int) -> list[int]:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """Denoising and stream settings; ``None`` means the paper's default.
+    """Denoising and stream settings; ``None`` means the paper's default, and for ``width`` and
+    ``height`` the input's size (one of them alone keeps the input's aspect ratio).
 
     ``t_index_list`` replaces ``steps``/``strength``: giving both would leave one of them
     without effect, so it is refused.
@@ -334,7 +335,7 @@ class StreamV2V:
         if self._input_size is None:
             return None
         h, w = self._input_size
-        return (self.config.width or w, self.config.height or h)
+        return output_size(self.config.width, self.config.height, w, h)
 
     # -- frames in and out ---------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ import pytest
 from videos import make_video, probe
 
 from streamv2v import cli, loading, stream, video
-from streamv2v.cli import main, output_size
+from streamv2v.cli import main
+from streamv2v.frames import output_size
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_MODEL = "/nonexistent/model.safetensors"  # reached only if a check ran too late
@@ -144,7 +145,7 @@ def test_ctrl_c_mid_run_keeps_a_playable_start(tmp_path, capsys, monkeypatch, cl
 
 
 def test_output_size_keeps_the_aspect_ratio_when_one_side_is_given():
-    assert output_size(None, None, 640, 360) == (None, None)
+    assert output_size(None, None, 640, 360) == (640, 360)
     assert output_size(320, None, 640, 360) == (320, 180)
     assert output_size(None, 90, 640, 360) == (160, 90)
     assert output_size(100, 100, 640, 360) == (100, 100)

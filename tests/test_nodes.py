@@ -220,7 +220,9 @@ def test_batch_mode_is_the_engine_aligned_output(comfy):
     torch.testing.assert_close(out, want)
     assert [p[0] for p in comfy.progress] == list(range(1, 21))
     assert any(p[2] for p in comfy.progress)  # a preview once the first chunk is back
-    assert "frames absorbed" in text
+    updates = comfy.state_module.SESSIONS.get("batch").bank.frames_absorbed
+    assert f"(dyme): {updates} updates" in text and "stream: 20 frames in" in text
+    assert "behind" not in text  # a batch comes out in step
     again, _ = sample(comfy, model, handle, frames)  # start new stream: the same result again
     torch.testing.assert_close(again, out)
 
@@ -235,6 +237,16 @@ def test_chunks_continue_one_stream_without_a_seam(comfy):
     torch.testing.assert_close(second, whole[4:])  # the second chunk is exactly the whole run's
     torch.testing.assert_close(first[:1], whole[:1])  # frames 1-3 were finished early, then
     assert first.shape == (4, 24, 32, 3)  # recomputed with real successors for the next chunk
+
+
+def test_a_last_chunk_of_one_frame_comes_out_in_step(comfy):
+    model = load(comfy)
+    frames = video(9)
+    handle, _ = bank(comfy, name="last-chunk")
+    chunks = [sample(comfy, model, handle, frames[a:b])[0] for a, b in ((0, 4), (4, 8), (8, 9))]
+    _, whole = engine_outputs(comfy, model, frames)
+    torch.testing.assert_close(chunks[1], whole[4:8])
+    torch.testing.assert_close(chunks[2], whole[8:])  # not a live frame lagging 3 behind
 
 
 def test_webcam_mode_carries_the_bank_across_runs(comfy):
@@ -253,7 +265,9 @@ def test_webcam_mode_carries_the_bank_across_runs(comfy):
             torch.testing.assert_close(out[0], ready[0])
         absorbed.append(comfy.state_module.SESSIONS.get("webcam").bank.frames_absorbed)
     assert absorbed == sorted(absorbed) and absorbed[-1] > absorbed[0]
-    assert "frames absorbed" in bank(comfy, name="webcam")[1]
+    text = bank(comfy, name="webcam")[1]
+    assert f"(dyme): {absorbed[-1]} updates" in text
+    assert text.endswith("stream: 6 frames in, output 3 frames behind")
 
 
 def test_interrupt_stops_within_a_frame_and_keeps_the_bank(comfy):
@@ -280,8 +294,6 @@ def test_bad_inputs_name_themselves(comfy):
     model = load(comfy)
     handle, _ = bank(comfy, name="errors")
     sample(comfy, model, handle, video(2))
-    with pytest.raises(StreamV2VError, match="is 40x24 but this stream.s frames are 32x24"):
-        sample(comfy, model, handle, video(2, width=40))
     with pytest.raises(StreamV2VError, match="no frames"):
         sample(comfy, model, handle, video(0))
     with pytest.raises(StreamV2VError, match="no effect with cfg type 'none'"):
@@ -299,17 +311,100 @@ def test_bad_inputs_name_themselves(comfy):
         sample(comfy, patched[0], bank(comfy, kind="none", name="x")[0], video(1))
 
 
-def test_bank_shared_by_a_model_of_another_shape_is_refused(comfy, tiny_taesd_dir):
-    StreamV2VError = comfy.engine("errors").StreamV2VError
-
+def test_a_bank_of_another_shape_or_model_is_replaced_with_a_note(comfy):
     model = load(comfy)
     handle, _ = bank(comfy, name="shared")
-    sample(comfy, model, handle, video(3))
     session = comfy.state_module.SESSIONS.get("shared")
+    fresh = {}
+
+    def alone(name, images, model=model, **settings):
+        if name not in fresh:
+            fresh[name] = sample(comfy, model, bank(comfy, name=name)[0], images, **settings)[0]
+        return fresh[name]
+
+    sample(comfy, model, handle, video(3))
+    out, text = sample(comfy, model, handle, video(3), steps=2)
+    assert "the step count or CFG type changed: started a new bank" in text
+    torch.testing.assert_close(out, alone("steps2", video(3), steps=2))
+
+    out, text = sample(comfy, model, handle, video(3, width=40), steps=2)
+    assert "the frame size changed (32x24 to 40x24 after resizing to multiples of 8)" in text
+    torch.testing.assert_close(out, alone("wide", video(3, width=40), steps=2))
+
+    styled = comfy.nodes["StreamV2VLoadLoRA"]().apply(model, "style.safetensors", 1.0)[0]
+    out, text = sample(comfy, styled, handle, video(3, width=40), steps=2)
+    assert "the model changed: started a new bank" in text
+    torch.testing.assert_close(out, alone("styled", video(3, width=40), styled, steps=2))
+
     before = session.stats()
-    with pytest.raises(StreamV2VError, match="reset the bank"):
-        sample(comfy, model, handle, video(3), steps=2)
-    assert session.stats() == before  # a failed run leaves the bank as it was
+    out, text = sample(comfy, styled, handle, video(3, width=40), steps=2, seed=5)
+    assert "settings changed: new stream, bank kept" in text  # the seed: same tokens' shape
+    assert session.stats()["frames_absorbed"] > before["frames_absorbed"]
+
+
+def test_a_width_alone_keeps_the_aspect_ratio(comfy):
+    model = load(comfy)
+    handle, _ = bank(comfy, name="aspect", each_run="start new stream")
+    assert sample(comfy, model, handle, video(2), width=64)[0].shape == (2, 48, 64, 3)
+    assert sample(comfy, model, handle, video(2), height=12)[0].shape == (2, 12, 16, 3)
+
+
+def test_two_samplers_on_one_bank_name_are_refused(comfy):
+    StreamV2VError = comfy.engine("errors").StreamV2VError
+    sharing = sys.modules[PACK + ".nodes.sampler"].samplers_sharing
+
+    def graph(*names):
+        nodes = {}
+        for i, name in enumerate(names):
+            nodes[f"b{i}"] = {"class_type": "StreamV2VFeatureBank", "inputs": {"name": name}}
+            nodes[f"s{i}"] = {"class_type": "StreamV2VSampler", "inputs": {"bank": [f"b{i}", 0]}}
+        return nodes
+
+    assert sharing(graph("a", "b"), "s0", "a") == []
+    assert sharing(graph("a", " a"), "s0", "a") == ["s1"]
+    one_bank = graph("a")
+    one_bank["s1"] = {"class_type": "StreamV2VSampler", "inputs": {"bank": ["b0", 0]}}
+    assert sharing(one_bank, "s1", "a") == ["s0"]
+    assert sharing(None, "s0", "a") == []
+
+    model = load(comfy)
+    handle, _ = bank(comfy, name="a")
+    with pytest.raises(StreamV2VError, match=r"node s0\) and node s1 both use bank 'a'"):
+        sample(comfy, model, handle, video(1), unique_id="s0", graph=graph("a", "a"))
+    assert comfy.state_module.SESSIONS.get("a").bank is None  # refused before it ran
+
+
+def test_reset_during_a_run_waits_for_it_and_release_restarts_the_stream(comfy, monkeypatch):
+    model = load(comfy)
+    handle, _ = bank(comfy, name="busy")
+    sessions = comfy.state_module.SESSIONS
+    sample(comfy, model, handle, video(4))
+    replies = []
+    Progress = sys.modules[PACK + ".nodes.comfy"].Progress
+    monkeypatch.setattr(
+        Progress, "__call__", lambda self, *a: replies.append(sessions.reset("busy"))
+    )
+    out, text = sample(comfy, model, handle, video(4, seed=1))
+    assert replies == [False] * 4  # asked during the run: done when it ended
+    assert out.shape == (4, 24, 32, 3) and "empty (fills on the next run)" in text
+    monkeypatch.undo()
+    assert sessions.reset("busy") is True and sessions.reset("no such bank") is None
+
+    sample(comfy, model, handle, video(4))
+    comfy.state_module.release_models()
+    out, text = sample(comfy, model, handle, video(4, seed=1))
+    assert "the model was released: new stream, bank kept" in text
+
+
+def test_bank_status_reads_as_a_sentence(comfy):
+    model = load(comfy)
+    _, text = bank(comfy, name="status", kind="none")
+    assert text == "bank 'status': kind none, no bank (plain StreamDiffusion)"
+    handle, _ = bank(comfy, name="status")
+    _, text = sample(comfy, model, handle, video(1))
+    updates = comfy.state_module.SESSIONS.get("status").bank.frames_absorbed
+    assert text.startswith(f"bank 'status' (dyme): {updates} updates, 16 layers x 12 tokens, ")
+    assert "; stream: 1 frame in;" in text  # still filling: the frame was finished, not behind
 
 
 def test_missing_models_say_where_to_put_them(comfy, monkeypatch):
@@ -325,6 +420,21 @@ def test_missing_models_say_where_to_put_them(comfy, monkeypatch):
         load(comfy, model="no models found")
     with pytest.raises(StreamV2VError, match="taesd_encoder and taesd_decoder.*/nowhere/vae_app"):
         sys.modules[PACK + ".nodes.comfy"].resolve_vae("taesd")
+    lora_node = comfy.nodes["StreamV2VLoadLoRA"]
+    assert widget_inputs(lora_node)["lora_name"][0] == ["no LoRAs found"]
+    with pytest.raises(StreamV2VError, match="no LoRAs found: put an SD1.5 LoRA in /nowhere/loras"):
+        lora_node().apply(None, "no LoRAs found", 1.0)
+
+
+def test_a_file_that_is_no_lora_is_named_on_the_load_lora_node(comfy, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    StreamV2VError = comfy.engine("errors").StreamV2VError
+    save_file({"weight": torch.zeros(2)}, comfy.folders["loras"] / "not-a-lora.safetensors")
+    model = load(comfy)
+    with pytest.raises(StreamV2VError, match="not-a-lora.safetensors' holds no LoRA weights"):
+        comfy.nodes["StreamV2VLoadLoRA"]().apply(model, "not-a-lora.safetensors", 1.0)
+    (comfy.folders["loras"] / "not-a-lora.safetensors").unlink()
 
 
 def test_out_of_memory_becomes_a_clear_message(comfy, monkeypatch):
@@ -375,3 +485,21 @@ def test_temporal_consistency_measures_flicker_and_plots_it(comfy):
     plot = Image.open(Path(sys.modules["folder_paths"].get_temp_directory()) / image["filename"])
     assert plot.size == (480, 160)
     assert "warp error" in steady["ui"]["text"][0] and "DIS" in steady["ui"]["text"][0]
+
+    larger = torch.nn.functional.interpolate(frames.movedim(-1, 1), size=(80, 128))
+    scaled = node.measure(frames, larger.movedim(1, -1).clamp(0, 1), "dis")
+    assert scaled["result"][0] < 2.0
+    assert scaled["ui"]["text"][0].endswith("inputs resized from 64x40 to 128x80")
+
+
+def test_temporal_consistency_names_what_does_not_fit(comfy):
+    StreamV2VError = comfy.engine("errors").StreamV2VError
+    node = comfy.nodes["StreamV2VTemporalConsistency"]()
+    frames = video(4)
+    with pytest.raises(StreamV2VError, match="input_images has 4 frames and output_images 3"):
+        node.measure(frames, frames[:3], "dis")
+    with pytest.raises(StreamV2VError, match="at least 2 frames"):
+        node.measure(frames[:1], frames[:1], "dis")
+    tiny = video(3, width=7, height=5)
+    with pytest.raises(StreamV2VError, match="as small as 7x5: use flow 'farneback'"):
+        node.measure(tiny, tiny, "dis")
