@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..streamv2v.bank import BANK_KINDS
 from ..streamv2v.session import EACH_RUN, validate_bank_name
+from . import comfy
 from .state import SESSIONS
 
 BANK = "STREAMV2V_BANK"
@@ -25,9 +26,9 @@ class BankHandle:
 
 def describe(name: str, kind: str | None = None) -> str:
     """The bank's status line; ``kind``: the Feature Bank node's, which its next run will use."""
-    session = SESSIONS.get(name)
-    stats = session.stats()
-    if session.reset_pending:
+    session = SESSIONS.find(name)
+    stats = {} if session is None else session.stats()
+    if session is not None and session.reset_pending:
         text = f"bank '{name}': emptied when the current run ends"
     elif (kind or stats.get("kind")) == "none":
         text = f"bank '{name}': kind none, no bank (plain StreamDiffusion)"
@@ -111,7 +112,7 @@ class StreamV2VFeatureBank:
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
-        return float("nan")  # runs every time so its display is current
+        return comfy.every_run()  # runs every time so its display is current
 
     def bank(self, kind, size, interval, name, each_run):
         from ..streamv2v.bank import BankConfig

@@ -6,6 +6,7 @@ tools); ComfyUI itself has them in ``sys.modules`` by the time any node runs.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -14,6 +15,18 @@ from pathlib import Path
 import torch
 
 from ..streamv2v.errors import StreamV2VError
+
+_RUNS = itertools.count()
+
+
+def every_run() -> int:
+    """An IS_CHANGED value that differs at every call, so the node runs every time.
+
+    Not NaN (the usual idiom): ComfyUI stores the value in the prompt, its history is sent as
+    JSON, and NaN is not JSON (the frontend's queue then fails to load).
+    """
+    return next(_RUNS)
+
 
 NO_MODELS = "no models found"
 NO_LORAS = "no LoRAs found"

@@ -7,6 +7,7 @@ not release it; wrapping ``unload_all_models`` makes ComfyUI's "unload models" (
 
 from __future__ import annotations
 
+from . import comfy
 from .state import SESSIONS, log, release_models
 
 
@@ -28,7 +29,7 @@ class StreamV2VFree:
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
-        return float("nan")
+        return comfy.every_run()
 
     def free(self, images):
         released = release_models()
@@ -66,7 +67,7 @@ def add_routes() -> None:
     async def banks(request):
         return web.json_response(
             {
-                name: {**SESSIONS.get(name).stats(), "text": describe(name)}
+                name: {**SESSIONS.find(name).stats(), "text": describe(name)}
                 for name in SESSIONS.names()
             }
         )

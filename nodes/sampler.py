@@ -193,7 +193,7 @@ class StreamV2VSampler:
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
-        return float("nan")  # every queued run is the next part of the stream
+        return comfy.every_run()  # every queued run is the next part of the stream
 
     def sample(
         self,

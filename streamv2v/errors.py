@@ -11,6 +11,10 @@ around where possible, and ``describe_failure`` puts its cause in the message th
 class StreamV2VError(ValueError):
     """A mistake in what the user gave us, explained in one line with its fix."""
 
+    # ComfyUI imports the pack under a name made of its folder's path and shows an error's
+    # type by its module: without this, the error panel opens with that path.
+    __module__ = "streamv2v.errors"
+
 
 def one_line(exc: BaseException, text: str | None = None) -> str:
     """A library's error as ``Type: message`` on one line, for a message of ours that quotes

@@ -156,6 +156,8 @@ class Session:
     # The stream's last run was a batch (a video, or a chunk of one): a single frame after it
     # is the video's last chunk, not a live frame.
     batched: bool = False
+    # The stream's current (or last) run takes single frames live, its output lagging.
+    live: bool = False
     # The stream was let go with the model (Free Memory, Unload Models); the bank was kept.
     released: bool = False
     runs: int = 0
@@ -199,7 +201,7 @@ class Session:
         if self.bank is not None:
             self.bank.reset()
         self.stream, self.key, self.layout = None, None, None
-        self.batched = self.released = self._reset_pending = False
+        self.batched = self.live = self.released = self._reset_pending = False
 
     def release(self) -> None:
         """Let go of the stream (and so of its model); the bank stays."""
@@ -218,7 +220,7 @@ class Session:
             # How far a live output is behind its input: nothing in a batch (outputs in step)
             # or while the stream fills (the frame is finished early).
             filling = frames_in <= self.stream.lag
-            stats["lag"] = 0 if self.batched or filling else self.stream.lag
+            stats["lag"] = self.stream.lag if self.live and not filling else 0
         return stats
 
     def run(
@@ -258,6 +260,7 @@ class Session:
                 self.key,
                 self.layout,
                 self.batched,
+                self.live,
                 self.released,
                 self.stream and self.stream.checkpoint(),
             )
@@ -267,7 +270,8 @@ class Session:
                 stream.on_status = on_status
                 if (prompt, negative_prompt) != (stream.prompt, stream.negative_prompt):
                     stream.set_prompt(prompt, negative_prompt)
-                if count == 1 and not self.batched:
+                self.live = count == 1 and not self.batched
+                if self.live:
                     outputs = self._live(stream, frames[0])
                     if on_frame is not None:
                         on_frame(1, 1, outputs[-1])
@@ -278,7 +282,8 @@ class Session:
                     self.notes.append(stream.accel_note)
             except BaseException as exc:
                 *state, checkpoint = saved
-                self.bank, self.stream, self.key, self.layout, self.batched, self.released = state
+                self.bank, self.stream, self.key, self.layout, self.batched, self.live = state[:6]
+                self.released = state[6]
                 if self.stream is not None:
                     self.stream.rollback(checkpoint)
                 if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -409,6 +414,10 @@ class SessionRegistry:
         name = validate_bank_name(name)
         return self._sessions.setdefault(name, Session(name))
 
+    def find(self, name: str) -> Session | None:
+        """The named session if a run has made it (looking does not make one)."""
+        return self._sessions.get(validate_bank_name(name))
+
     def reset(self, name: str) -> bool | None:
         """Reset the named bank: True done, False left to the run using it, None no such bank."""
         session = self._sessions.get(validate_bank_name(name))
@@ -442,12 +451,15 @@ def _layout(model: StreamModel, config: StreamConfig, size: tuple[int, int]) -> 
 def _what_changed(old: tuple | None, new: tuple) -> str:
     if old is None:
         return "the bank was filled by another stream"
+    changed = []
     if old[0] != new[0]:
-        return "the model changed"
+        changed.append("the model")
     if old[1] != new[1]:
         (w0, h0), (w1, h1) = old[1], new[1]
-        return f"the frame size changed ({w0}x{h0} to {w1}x{h1} after resizing to multiples of 8)"
-    return "the step count or CFG type changed"
+        changed.append(f"the frame size ({w0}x{h0} to {w1}x{h1})")
+    if old[2] != new[2]:
+        changed.append("the step count or CFG type")
+    return " and ".join(changed) + " changed"
 
 
 def validate_bank_name(name: str) -> str:

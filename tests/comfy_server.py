@@ -352,6 +352,10 @@ def import_failures(log: str) -> list[str]:
     ]
 
 
+def _not_json(name: str) -> Any:
+    raise ComfyError(f"the reply holds {name}, which is not JSON: a browser cannot parse it")
+
+
 class ComfyServer:
     """One ComfyUI process on 127.0.0.1 (CPU only) with the given packs installed.
 
@@ -481,7 +485,7 @@ class ComfyServer:
         status, body = self.request("GET", route)
         if status != 200:
             raise ComfyError(f"GET {route}: {status} {body[:500]!r}")
-        return json.loads(body)
+        return json.loads(body, parse_constant=_not_json)  # as strict as the browser's parser
 
     def post(self, route: str, payload: Any = None) -> tuple[int, Any]:
         """POST JSON; (status, decoded JSON reply or None when the reply is not JSON)."""

@@ -342,6 +342,8 @@ def test_vhs_workflow_restyles_a_video_in_chunks_as_one_stream(
     assert len(video["frames"]) == 10
     assert video["fps"] == 12  # the loaded video's rate, through VHS_VideoInfoLoaded
     assert (video["width"], video["height"]) == (WIDTH, HEIGHT)
+    history = server.get("/history")  # VHS queues the runs' own prompts, IS_CHANGED values kept
+    assert len(history) >= 3
 
 
 # -- (d) a webcam stream across runs ---------------------------------------------------------
@@ -368,7 +370,7 @@ def test_webcam_stream_continues_across_runs(
         stats = bank_stats(server, "test-webcam")
         assert (stats["runs"], stats["frames_in"]) == (run, run)
         absorbed.append(stats["frames_absorbed"])
-        assert f"{stats['frames_absorbed']} frames absorbed" in result.outputs[sampler]["text"][0]
+        assert f"(dyme): {stats['frames_absorbed']} update" in result.outputs[sampler]["text"][0]
     assert absorbed == sorted(absorbed) and absorbed[-1] > absorbed[0] > 0, absorbed
 
     # What the Feature Bank's reset button posts: the next run starts afresh.
@@ -377,6 +379,13 @@ def test_webcam_stream_continues_across_runs(
     stats = bank_stats(server, "test-webcam")
     assert stats["frames_absorbed"] == 0 and "frames_in" not in stats, stats
     assert server.post("/streamv2v/bank/reset", {"name": " "})[0] == 400
+
+    # A refusal reaches the error panel as the pack's error type, not under a path.
+    prompt[sampler]["inputs"]["guidance"] = 2.0
+    result = server.run(prompt)
+    assert result.status == "error" and result.error is not None
+    assert result.error["exception_type"] == "streamv2v.errors.StreamV2VError", result.error
+    assert "no effect with cfg type 'none'" in result.error["exception_message"]
 
 
 # -- (e) interrupt ---------------------------------------------------------------------------
@@ -396,7 +405,7 @@ def test_interrupt_stops_a_long_run_and_keeps_the_bank(
     before = bank_stats(server, "test-interrupt")
     assert before["frames_absorbed"] > 0
 
-    # The same size: a stream refuses frames of another size.
+    # The same size: frames of another size would start a new bank.
     long_clip = upload_video(server, tmp_path, "long.mp4", frames=400, width=WIDTH, height=HEIGHT)
     set_inputs(prompt, "LoadVideo", file=long_clip)
     sampler = the(prompt, "StreamV2VSampler")

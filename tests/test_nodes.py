@@ -328,7 +328,7 @@ def test_a_bank_of_another_shape_or_model_is_replaced_with_a_note(comfy):
     torch.testing.assert_close(out, alone("steps2", video(3), steps=2))
 
     out, text = sample(comfy, model, handle, video(3, width=40), steps=2)
-    assert "the frame size changed (32x24 to 40x24 after resizing to multiples of 8)" in text
+    assert "the frame size (32x24 to 40x24) changed: started a new bank" in text
     torch.testing.assert_close(out, alone("wide", video(3, width=40), steps=2))
 
     styled = comfy.nodes["StreamV2VLoadLoRA"]().apply(model, "style.safetensors", 1.0)[0]
@@ -340,6 +340,9 @@ def test_a_bank_of_another_shape_or_model_is_replaced_with_a_note(comfy):
     out, text = sample(comfy, styled, handle, video(3, width=40), steps=2, seed=5)
     assert "settings changed: new stream, bank kept" in text  # the seed: same tokens' shape
     assert session.stats()["frames_absorbed"] > before["frames_absorbed"]
+
+    _, text = sample(comfy, model, handle, video(3), steps=3)
+    assert "the model and the frame size (40x24 to 32x24) and the step count or CFG type " in text
 
 
 def test_a_width_alone_keeps_the_aspect_ratio(comfy):
@@ -405,6 +408,9 @@ def test_bank_status_reads_as_a_sentence(comfy):
     updates = comfy.state_module.SESSIONS.get("status").bank.frames_absorbed
     assert text.startswith(f"bank 'status' (dyme): {updates} updates, 16 layers x 12 tokens, ")
     assert "; stream: 1 frame in;" in text  # still filling: the frame was finished, not behind
+    describe = sys.modules[PACK + ".nodes.bank"].describe
+    assert describe("never-used") == "bank 'never-used': empty (fills on the next run)"
+    assert "never-used" not in comfy.state_module.SESSIONS.names()  # looking makes no bank
 
 
 def test_missing_models_say_where_to_put_them(comfy, monkeypatch):
