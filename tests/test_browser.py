@@ -278,11 +278,11 @@ def page(browser: Any, server: ComfyServer) -> Iterator[Page]:
 
 
 def absorbed(status: str) -> int:
-    return int(re.search(r"(\d+) frames absorbed", status).group(1))
+    return int(re.search(r"\(dyme\): (\d+) updates?,", status).group(1))
 
 
 def frames_in(status: str) -> int:
-    return int(re.search(r"stream: (\d+) frames in", status).group(1))
+    return int(re.search(r"stream: (\d+) frames? in", status).group(1))
 
 
 def saved_value_count(info: dict[str, Any]) -> int:
@@ -319,7 +319,7 @@ def test_webcam_stream_grows_the_bank_and_reset_empties_it(page: Page, server) -
     page.page.wait_for_function(
         f"() => !t.status('{BANK}').includes('stream:')"  # the stream ended with the reset
     )
-    assert re.search(r"empty|: 0 frames absorbed", page.shown(BANK)), page.shown(BANK)
+    assert "empty" in page.shown(BANK), page.shown(BANK)
     assert server.get("/streamv2v/banks")[bank].get("frames_absorbed", 0) == 0
 
     third = page.run()
@@ -447,6 +447,6 @@ def test_nodes_2_0_show_the_status_and_the_reset_button(browser: Any, server) ->
         tab.page.get_by_role("button", name=RESET, exact=True).click()
         tab.page.wait_for_function(f"() => !t.status('{BANK}').includes('stream:')")
         reset = tab.shown_in_node(BANK)
-        assert re.search(r"empty|: 0 frames absorbed", reset), reset
+        assert "empty" in reset, reset
         assert tab.shown_in_node(SAMPLER) == status
         assert tab.ours() == []
