@@ -9,7 +9,9 @@ keeps them at module level, where they survive its caches being cleared).
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -363,16 +365,25 @@ class Session:
 TRANSFER_CHUNK = 16
 
 
+PREVIEW_EVERY_S = 0.2
+
+
 class _Downloads:
-    """Images leaving the GPU in chunks, each copied into pinned memory without a host sync."""
+    """Images leaving the GPU in chunks, each copied into pinned memory without a host sync;
+    between chunks, now and then a copy of the newest image alone, for the preview."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.pending: list[torch.Tensor] = []
-        self.chunks: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self.added = 0
+        # (images added when the copy started, host copy, its event on a GPU)
+        self.chunks: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+        self.preview: tuple[int, torch.Tensor, torch.cuda.Event] | None = None
+        self.preview_at = -math.inf
 
     def add(self, images: list[torch.Tensor]) -> None:
         self.pending += images
+        self.added += len(images)
         if len(self.pending) >= TRANSFER_CHUNK:
             self._send()
 
@@ -381,27 +392,51 @@ class _Downloads:
             return
         batch = torch.stack(self.pending)
         self.pending = []
-        host = torch.empty(batch.shape, dtype=batch.dtype, pin_memory=self.cuda)
-        host.copy_(batch, non_blocking=self.cuda)
+        self.chunks.append((self.added, *self._copy(batch)))
+
+    def _copy(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        host = torch.empty(images.shape, dtype=images.dtype, pin_memory=self.cuda)
+        host.copy_(images, non_blocking=self.cuda)
         event = None
         if self.cuda:
             event = torch.cuda.Event()
             event.record()
-        self.chunks.append((host, event))
+        return host, event
 
     def latest(self) -> torch.Tensor | None:
         """The newest image already on the host (for previews; never waits for the GPU)."""
-        for host, event in reversed(self.chunks):
-            if event is None or event.query():
-                return host[-1]
-        return None
+        if not self.cuda:  # the images are on the host already
+            if self.pending:
+                return self.pending[-1]
+            return self.chunks[-1][1][-1] if self.chunks else None
+        self._start_preview()
+        newest: tuple[int, torch.Tensor] | None = None
+        for added, host, event in reversed(self.chunks):
+            if event.query():
+                newest = (added, host[-1])
+                break
+        preview = self.preview
+        if preview and preview[2].query() and (newest is None or preview[0] > newest[0]):
+            newest = preview[:2]
+        return None if newest is None else newest[1]
+
+    def _start_preview(self) -> None:
+        """Copy the newest image on its own every PREVIEW_EVERY_S, so a preview need not wait
+        for its chunk (16 frames); one small copy at a time, so it costs the frames nothing."""
+        now = time.monotonic()
+        if not self.pending or now - self.preview_at < PREVIEW_EVERY_S:
+            return
+        if self.preview is not None and not self.preview[2].query():
+            return
+        host, event = self._copy(self.pending[-1])
+        self.preview, self.preview_at = (self.added, host, event), now
 
     def finish(self) -> list[torch.Tensor]:
         self._send()
-        for _, event in self.chunks:
+        for _, _, event in self.chunks:
             if event is not None:
                 event.synchronize()
-        return [image for host, _ in self.chunks for image in host.unbind()]
+        return [image for _, host, _ in self.chunks for image in host.unbind()]
 
 
 class SessionRegistry:

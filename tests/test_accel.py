@@ -16,6 +16,7 @@ from torch._inductor.runtime.runtime_utils import cache_dir, default_cache_dir  
 
 import streamv2v.accel as accel
 import streamv2v.attention as attention
+import streamv2v.session as session_module
 from streamv2v.accel import (
     fused_projections,
     resolve_accel,
@@ -120,6 +121,30 @@ def test_fast_path_equals_plain_path(tiny_model, tiny_model_taesd, bank, config,
         kernel = accel != "static" and bank == "dyme" and triton_usable(stream.device)
         assert (stream.bank._matcher is best_match) == kernel
         assert_frames_close(got, want, accel)
+
+
+@GPU
+def test_a_session_previews_frames_before_their_chunk_is_back(tiny_model_taesd, monkeypatch):
+    monkeypatch.setattr(session_module, "PREVIEW_EVERY_S", 0.0)
+    model = on_device(tiny_model_taesd, "graphs")
+    frames = video(40)
+    previews = []
+    session = session_module.Session("previews")
+    outputs = session.run(
+        model,
+        StreamConfig(),
+        BankConfig(),
+        "a cat",
+        "",
+        frames,
+        on_frame=lambda done, total, image: previews.append((done, image)),
+        accel="graphs",
+    )
+    assert outputs.shape == (40, *frames.shape[1:])
+    shown = [(done, image) for done, image in previews if image is not None]
+    assert shown and shown[0][0] < session_module.TRANSFER_CHUNK  # before the first chunk
+    for _, image in shown:  # each preview is one of the outputs, copied whole
+        assert any(torch.equal(image, output) for output in outputs)
 
 
 @GPU
