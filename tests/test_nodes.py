@@ -219,7 +219,8 @@ def test_batch_mode_is_the_engine_aligned_output(comfy):
     _, want = engine_outputs(comfy, model, frames)
     torch.testing.assert_close(out, want)
     assert [p[0] for p in comfy.progress] == list(range(1, 21))
-    assert comfy.progress[0][2]  # a preview from the first frame on, not once a chunk is back
+    # A preview once the first output is out (steps - 1 frames in), not once a chunk is back.
+    assert [p[2] for p in comfy.progress[:5]] == [False, False, False, True, False]
     updates = comfy.state_module.SESSIONS.get("batch").bank.frames_absorbed
     assert f"(dyme): {updates} updates" in text and "stream: 20 frames in" in text
     assert "behind" not in text  # a batch comes out in step
