@@ -449,4 +449,8 @@ def test_nodes_2_0_show_the_status_and_the_reset_button(browser: Any, server) ->
         reset = tab.shown_in_node(BANK)
         assert "empty" in reset, reset
         assert tab.shown_in_node(SAMPLER) == status
+        for node_type in (BANK, SAMPLER):  # the status is shown, not an input to type into
+            node_id = tab.js("(type) => t.node(type).id", node_type)
+            box = tab.page.locator(f'[data-node-id="{node_id}"] textarea').last
+            assert box.get_attribute("readonly") is not None, node_type
         assert tab.ours() == []

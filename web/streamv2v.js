@@ -24,6 +24,8 @@ function addStatus(node) {
   const { widget } = ComfyWidgets.STRING(node, STATUS, ["STRING", { multiline: true }], app);
   const box = widget.element; // its old name, inputEl, warns as deprecated in newer frontends
   box.readOnly = true;
+  widget.options.read_only = true; // what Nodes 2.0 draws its own text box from
+  widget.label = "status";
   box.placeholder = "status: shown after a run";
   box.style.opacity = 0.7;
   widget.serialize = false; // not in the saved widgets_values: saved workflows stay loadable
