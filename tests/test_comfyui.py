@@ -252,6 +252,9 @@ def test_example_workflows_are_served_as_templates(server: ComfyServer) -> None:
     assert sorted(listed) == sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
     served = server.get(f"/api/workflow_templates/{PACK_FOLDER}/streamv2v_video.json")
     assert served == workflow("streamv2v_video.json")
+    for name in listed:  # the template browser's card shows the workflow's .jpg beside it
+        status, body = server.request("GET", f"/api/workflow_templates/{PACK_FOLDER}/{name}.jpg")
+        assert status == 200 and Image.open(io.BytesIO(body)).format == "JPEG", name
 
 
 # -- (b) every example workflow queues and runs ------------------------------------------------

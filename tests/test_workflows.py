@@ -9,6 +9,7 @@ A workflow that breaks these rules opens with red nodes, lost widget values or d
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import sys
 import types
@@ -243,6 +244,8 @@ def check_value(where: str, kind: Any, options: dict[str, Any], value: Any) -> N
 
 def test_the_four_workflows_are_there() -> None:
     assert {path.name for path in WORKFLOWS} >= EXPECTED
+    for path in WORKFLOWS:  # the template browser's thumbnail: a picture of the graph
+        assert path.with_suffix(".jpg").read_bytes()[:3] == b"\xff\xd8\xff", path.name
 
 
 def test_our_nodes_are_loaded(our_nodes: dict[str, dict[str, Any]]) -> None:
@@ -335,6 +338,25 @@ def test_nodes_match_their_definitions(path: Path, our_nodes: dict[str, dict[str
         else:
             pytest.fail(f"{where}: not a StreamV2V or core node{' or VHS' * vhs}")
     assert has_output_node, f"{path.name} has no output node: ComfyUI would refuse to queue it"
+
+
+TITLE_HEIGHT = 30  # litegraph draws a node's title above its pos
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_no_node_covers_another(path: Path) -> None:
+    nodes = json.loads(path.read_text(encoding="utf-8"))["nodes"]
+    boxes = {
+        f"{n['id']} {n['type']}": (
+            n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0],
+            n["pos"][1] + n["size"][1],
+        )
+        for n in nodes
+    }  # fmt: skip
+    for (a, (ax0, ay0, ax1, ay1)), (b, (bx0, by0, bx1, by1)) in itertools.combinations(
+        boxes.items(), 2
+    ):
+        assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"{a} and {b} overlap"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
