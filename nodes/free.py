@@ -25,7 +25,14 @@ class StreamV2VFree:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"images": ("IMAGE", {"tooltip": "Anything to wait for."})}}
+        return {
+            "required": {
+                "images": (
+                    "IMAGE",
+                    {"tooltip": "Images to wait for (e.g. the sampler's output); passed through."},
+                )
+            }
+        }
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
