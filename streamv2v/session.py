@@ -378,7 +378,10 @@ class _Downloads:
         self.added = 0
         # (images added when the copy started, host copy, its event on a GPU)
         self.chunks: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
-        self.preview: tuple[int, torch.Tensor, torch.cuda.Event] | None = None
+        # The preview copy under way (or done), and the one done before it
+        nothing = (0, torch.empty(0), None)
+        self.preview: tuple[int, torch.Tensor, torch.cuda.Event | None] = nothing
+        self.previewed = nothing
         self.preview_at = -math.inf
 
     def add(self, images: list[torch.Tensor]) -> None:
@@ -415,9 +418,9 @@ class _Downloads:
             if event.query():
                 newest = (added, host[-1])
                 break
-        preview = self.preview
-        if preview and preview[2].query() and (newest is None or preview[0] > newest[0]):
-            newest = preview[:2]
+        for added, host, event in (self.preview, self.previewed):
+            if event is not None and event.query() and (newest is None or added > newest[0]):
+                newest = (added, host)
         return None if newest is None else newest[1]
 
     def _start_preview(self) -> None:
@@ -426,8 +429,9 @@ class _Downloads:
         now = time.monotonic()
         if not self.pending or now - self.preview_at < PREVIEW_EVERY_S:
             return
-        if self.preview is not None and not self.preview[2].query():
+        if self.preview[2] is not None and not self.preview[2].query():
             return
+        self.previewed = self.preview  # done: shown until the new copy is
         host, event = self._copy(self.pending[-1])
         self.preview, self.preview_at = (self.added, host, event), now
 
