@@ -315,8 +315,8 @@ def _stream(args: argparse.Namespace, reader: VideoReader, writer: VideoWriter) 
             _say(stream.accel_note)
         _say(f"model: {model.description}")
         with writer, tqdm(total=reader.frame_count, unit="frame", desc=PROG) as bar:
-            for image in stream.process(reader):
-                writer.write(image)
+            for index, image in enumerate(stream.process(reader)):
+                writer.write(image, reader.times[index])  # output i translates input i
                 bar.update()
     except torch.cuda.OutOfMemoryError as e:
         raise StreamV2VError(

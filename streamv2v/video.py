@@ -25,6 +25,7 @@ from .errors import StreamV2VError
 from .frames import to_rgb
 
 # A rate for the rare stream that declares none (raw elementary streams, some GIFs).
+TIME_SCALE = 90000  # ticks a second for frame times, as MPEG transport streams use
 FALLBACK_FPS = Fraction(30)
 AUDIO_BIT_RATE = 192_000
 # Outputs are converted and tagged as BT.709 limited range: untagged video is read as BT.601
@@ -109,6 +110,7 @@ class VideoReader:
             self._stream = self._container.streams.video[0]
             self._stream.thread_type = "AUTO"
             self._coded_size: tuple[int, int] | None = None  # set by the first frame
+            self.times: list[Fraction] = []
             self._frames = self._decode()
             self._first: np.ndarray | None = next(self._frames, None)
             if self._first is None:
@@ -146,9 +148,22 @@ class VideoReader:
         return max(1, round(seconds * self.fps))
 
     def _decode(self) -> Iterator[np.ndarray]:
+        """Frames in display order; ``times`` gains each one's time from the first, which a
+        variable-rate video (phones, screen and browser recordings) needs to keep its timing."""
         count = 0
+        self.times = []
+        start: Fraction | None = None
         try:
             for frame in self._container.decode(self._stream):
+                if frame.pts is not None and frame.time_base:
+                    time = frame.pts * frame.time_base
+                    start = time if start is None else start
+                    time -= start
+                else:  # no timestamp: the next one at the stream's rate
+                    time = self.times[-1] + 1 / self.fps if self.times else Fraction(0)
+                if self.times and time <= self.times[-1]:  # repeated or out of order: keep order
+                    time = self.times[-1] + Fraction(1, TIME_SCALE)
+                self.times.append(time)
                 if self._coded_size is None:
                     self._coded_size = (frame.width, frame.height)
                 # Frames that change size mid-stream are scaled to the first one's size.
@@ -273,8 +288,9 @@ class VideoWriter:
     do not; pick ``.webm``, whose VP9 keeps odd sizes in 4:2:0, for those.
 
     The sound of ``audio_from`` is copied packet for packet when the container takes its
-    codec, else re-encoded (AAC; Opus for WebM), and is cut where the video ends. Frames get
-    consecutive timestamps at ``fps``, so a video read at its average rate keeps its length.
+    codec, else re-encoded (AAC; Opus for WebM), and is cut where the video ends. Frames are
+    shown at the times ``write`` is given (``VideoReader.times``: a variable-rate video keeps
+    its timing), else one after another at ``fps``.
 
     Nothing is created on disk until the first frame arrives, so a writer can be set up
     (and its path checked) before a long model load without leaving empty files behind.
@@ -318,6 +334,7 @@ class VideoWriter:
                     "input, give another output path"
                 )
         self.frames_written = 0
+        self._last_pts: int | None = None
         self._container: av.container.OutputContainer | None = None
         self._video: av.VideoStream | None = None
         self._audio: _AudioTrack | None = None
@@ -379,6 +396,7 @@ class VideoWriter:
         container = av.open(str(self.path), "w", format=self._kind.format, options=options)
         try:
             video = container.add_stream(self._codec.name, rate=self.fps, options=self._options)
+            video.codec_context.time_base = self._time_base()
             video.width, video.height = self.width, self.height
             video.pix_fmt = self._pix_fmt()
             video.color_primaries = video.color_trc = video.colorspace = BT709
@@ -395,8 +413,22 @@ class VideoWriter:
             raise
         self._container, self._video, self._audio = container, video, audio
 
-    def write(self, frame: np.ndarray | torch.Tensor) -> None:
-        """Append one frame: uint8 0..255 or float 0..1, ``[H, W, C]`` at the writer's size."""
+    def _time_base(self) -> Fraction:
+        """Ticks that hold every frame of the constant rate exactly (a multiple of its
+        numerator) and variable-rate times to about 1/TIME_SCALE s. MPEG-4 Part 2 allows at
+        most 65535 ticks a second: there the rate's own."""
+        ticks = self.fps.numerator
+        if self._codec.name != "mpeg4":
+            ticks *= -(-TIME_SCALE // ticks)  # the smallest multiple >= TIME_SCALE
+        return Fraction(1, ticks)
+
+    def write(self, frame: np.ndarray | torch.Tensor, time: Fraction | None = None) -> None:
+        """Append one frame: uint8 0..255 or float 0..1, ``[H, W, C]`` at the writer's size.
+
+        ``time``: when it is shown, in seconds from the first frame (``VideoReader.times``),
+        so a variable-rate video keeps its timing and its sync with the sound; without it,
+        the next frame at ``fps``.
+        """
         if self._closed:
             raise StreamV2VError(f"output {self.path} is already closed: open a new writer")
         rgb = _to_uint8(frame, f"frame {self.frames_written} for {self.path}")
@@ -413,11 +445,19 @@ class VideoWriter:
                 dst_colorspace=Colorspace.ITU709,
                 dst_color_range=ColorRange.MPEG,
             )
-            picture.pts = self.frames_written
+            if time is None:
+                time = self.frames_written / self.fps
+            pts = round(Fraction(time) / self._video.codec_context.time_base)
+            if self._last_pts is not None and pts <= self._last_pts:
+                raise StreamV2VError(
+                    f"frame {self.frames_written} for {self.path} is timed at {float(time):.6f} "
+                    "s, not after the frame before it: give increasing times"
+                )
+            picture.pts = self._last_pts = pts
             self._container.mux(self._video.encode(picture))
             self.frames_written += 1
-            if self._audio is not None:
-                self._audio.write_until(self._container, self.frames_written / self.fps)
+            if self._audio is not None:  # the sound up to the end of this frame
+                self._audio.write_until(self._container, Fraction(time) + 1 / self.fps)
         except (av.error.FFmpegError, OSError) as e:
             raise StreamV2VError(f"writing output {self.path} failed: {_reason(e)}") from e
 

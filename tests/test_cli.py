@@ -165,6 +165,23 @@ def test_a_whole_run_keeps_frames_rate_size_and_sound(tmp_path, capsys, clip, ti
     assert result["audio_seconds"] == pytest.approx(source["audio_seconds"], abs=0.03)
 
 
+@pytest.mark.parametrize("suffix,declared", [(".mp4", 30), (".mkv", 1000)])
+def test_a_variable_rate_video_keeps_its_timing_and_sound(
+    tmp_path, suffix, declared, tiny_diffusers_dir
+):
+    """Half a second of frames, a second of nothing, half a second again: a phone's or a
+    screen recorder's video. Its frames keep their times, so the sound stays in sync."""
+    times = [i / 30 for i in range(15)] + [1.5 + i / 30 for i in range(15)]
+    clip = make_video(tmp_path / f"vfr{suffix}", frames=30, fps=declared, times=times, audio="aac")
+    out = tmp_path / f"out{suffix}"
+    argv = [str(clip), str(out), "--model", str(tiny_diffusers_dir), "--prompt", "a cat"]
+    assert main([*argv, "--device", "cpu", "--accel", "off"]) == 0
+    result, source = probe(out), probe(clip)
+    assert source["times"] == pytest.approx(times, abs=0.001)
+    assert result["times"] == pytest.approx(times, abs=0.002)
+    assert result["audio_seconds"] == pytest.approx(source["audio_seconds"], abs=0.05)
+
+
 def test_a_run_with_taesd_a_queue_bank_two_steps_and_a_new_width(
     tmp_path, capsys, clip, tiny_diffusers_dir, tiny_taesd_dir
 ):

@@ -46,6 +46,7 @@ def make_video(
     audio_rate: int = 48000,
     audio_seconds: float | None = None,
     rotation: int = 0,
+    times: list[float] | None = None,
 ) -> Path:
     """Write ``frames`` frames of :func:`frame_pattern` to ``path``; return ``path``.
 
@@ -53,7 +54,8 @@ def make_video(
     stereo sine track ``audio_seconds`` long (default: as long as the video); ``rotation``
     stores a display rotation (counter-clockwise degrees) as phones do for portrait clips.
     ``frames=0`` with audio, in ``.mkv``, gives a video stream with no frames at all (MP4
-    would drop the stream).
+    would drop the stream). ``times`` (seconds, one per frame) makes a variable-rate video
+    whose declared rate is ``fps``, timed in milliseconds as phones and recorders write them.
     """
     path = Path(path)
     fps = Fraction(fps)
@@ -61,6 +63,8 @@ def make_video(
         codec = VIDEO_CODECS[path.suffix]
         video = container.add_stream(codec, rate=fps)
         video.width, video.height = width, height
+        if times is not None:
+            video.codec_context.time_base = Fraction(1, 1000)
         odd = width % 2 or height % 2
         video.pix_fmt = "yuv444p" if codec == "libx264" and odd else "yuv420p"
         if rotation:
@@ -72,11 +76,13 @@ def make_video(
             sound.codec_context.options = {"strict": "experimental"}
         for index in range(frames):
             frame = av.VideoFrame.from_ndarray(frame_pattern(index, width, height), "rgb24")
-            frame.pts = index
+            frame.pts = index if times is None else round(times[index] * 1000)
             container.mux(video.encode(frame))
         container.mux(video.encode())
         if sound is not None:
             seconds = frames / fps if audio_seconds is None else audio_seconds
+            if times is not None and audio_seconds is None:
+                seconds = times[-1] + 1 / 30
             samples = int(round(audio_rate * seconds))
             t = np.arange(samples, dtype=np.float32) / audio_rate
             wave = (0.3 * np.sin(2 * np.pi * SINE_HZ * t)).astype(np.float32)
@@ -99,6 +105,7 @@ def probe(path: Path) -> dict:
         fps = video.average_rate
     with VideoReader(path) as reader:  # converts with each frame's colour tags
         frames = list(reader)
+        times = [float(t) for t in reader.times]
     with av.open(str(path)) as container:
         audio_seconds = None
         audio_codec = None
@@ -112,6 +119,7 @@ def probe(path: Path) -> dict:
         "height": height,
         "fps": fps,
         "frames": frames,
+        "times": times,
         "audio_codec": audio_codec,
         "audio_seconds": audio_seconds,
     }
