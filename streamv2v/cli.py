@@ -18,6 +18,8 @@ from .errors import StreamV2VError
 from .modes import DEFAULT_ACCEL, USER_ACCEL_MODES
 
 if TYPE_CHECKING:
+    from .bank import BankConfig
+    from .stream import StreamConfig
     from .video import VideoReader, VideoWriter
 
 PROG = "streamv2v"
@@ -250,29 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .bank import BankConfig
     from .frames import output_size
+    from .stream import StreamConfig
     from .video import VideoReader, VideoWriter
 
-    with VideoReader(args.input) as reader:
-        # Created now to check OUTPUT before the model load; the file appears at frame 1.
-        writer = VideoWriter(
-            args.output,
-            reader.fps,
-            *output_size(args.width, args.height, reader.width, reader.height),
-            audio_from=args.input,
-            crf=args.crf,
-        )
-        return _stream(args, reader, writer)
-
-
-def _stream(args: argparse.Namespace, reader: VideoReader, writer: VideoWriter) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from .bank import BankConfig
-    from .loading import default_dtype, load_model, parse_lora_arg, resolve_device
-    from .stream import StreamConfig, StreamV2V
-
+    # Settings first: a mistake in them is named before any file is opened or model loaded.
     config = StreamConfig(
         steps=args.steps,
         strength=args.strength,
@@ -286,6 +271,7 @@ def _stream(args: argparse.Namespace, reader: VideoReader, writer: VideoWriter) 
         similar_filter=args.similar_filter,
         max_skip=args.max_skip,
     )
+    config.check_negative_prompt(args.negative_prompt)
     bank = BankConfig(
         kind=args.bank,
         size=args.bank_size,
@@ -295,6 +281,31 @@ def _stream(args: argparse.Namespace, reader: VideoReader, writer: VideoWriter) 
         fusion_strength=args.fusion_strength,
         fusion_threshold=args.fusion_threshold,
     )
+    with VideoReader(args.input) as reader:
+        # Created now to check OUTPUT before the model load; the file appears at frame 1.
+        writer = VideoWriter(
+            args.output,
+            reader.fps,
+            *output_size(args.width, args.height, reader.width, reader.height),
+            audio_from=args.input,
+            crf=args.crf,
+        )
+        return _stream(args, config, bank, reader, writer)
+
+
+def _stream(
+    args: argparse.Namespace,
+    config: StreamConfig,
+    bank: BankConfig,
+    reader: VideoReader,
+    writer: VideoWriter,
+) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .loading import default_dtype, load_model, parse_lora_arg, resolve_device
+    from .stream import StreamV2V
+
     loras = [parse_lora_arg(text) for text in args.lora]
     device = resolve_device(args.device)
     dtype = args.dtype or default_dtype(device)
@@ -318,7 +329,11 @@ def _stream(args: argparse.Namespace, reader: VideoReader, writer: VideoWriter) 
             for index, image in enumerate(stream.process(reader)):
                 writer.write(image, reader.times[index])  # output i translates input i
                 bar.update()
-    except torch.cuda.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        # CUDA's is an OutOfMemoryError; MPS and the CPU allocator raise RuntimeErrors.
+        known = isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        if not known and "out of memory" not in str(e).lower():
+            raise
         raise StreamV2VError(
             f"out of {device.type} memory: lower --width/--height, use --vae with TAESD, "
             "or --dtype fp16"

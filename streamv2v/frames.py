@@ -49,6 +49,9 @@ def to_rgb(frame: np.ndarray | torch.Tensor, what: str = "frame") -> torch.Tenso
     return frame
 
 
+MAX_SIDE = 4096  # the largest width or height a stream takes
+
+
 def output_size(
     width: int | None, height: int | None, input_width: int, input_height: int
 ) -> tuple[int, int]:
@@ -58,8 +61,18 @@ def output_size(
         return input_width, input_height
     if width is None:
         width = max(1, round(height * input_width / input_height))
+        computed, given = ("width", width), ("height", height)
     elif height is None:
         height = max(1, round(width * input_height / input_width))
+        computed, given = ("height", height), ("width", width)
+    else:
+        return width, height
+    if computed[1] > MAX_SIDE:
+        raise StreamV2VError(
+            f"{given[0]} {given[1]} on {input_width}x{input_height} frames makes them "
+            f"{computed[1]} pixels {'wide' if computed[0] == 'width' else 'high'}, over "
+            f"{MAX_SIDE}: give the {computed[0]} too"
+        )
     return width, height
 
 

@@ -310,7 +310,9 @@ def quiet_libraries() -> Iterator[None]:
         transformers_logging.is_progress_bar_enabled(),
     )
     for module in (diffusers_logging, transformers_logging):
-        module.set_verbosity_error()
+        # Critical only: a LoRA that does not fit is logged as an error, a size mismatch per
+        # layer, just before the exception that our one-line message explains.
+        module.set_verbosity(module.CRITICAL)
         module.disable_progress_bar()
     try:
         with warnings.catch_warnings():
@@ -352,6 +354,11 @@ def _load_diffusers_folder(folder: Path, dtype: torch.dtype, load_vae: bool):
             "diffusers model folder or a .safetensors checkpoint file"
         )
     index = _read_json(index_path, "model index")
+    if "unet" in index and not (folder / "unet" / "config.json").is_file():
+        raise StreamV2VError(
+            f"diffusers folder {str(folder)!r} lacks its 'unet' subfolder (or its config.json); "
+            "the download is incomplete, fetch the whole model folder"
+        )
     family = _diffusers_family(folder, index)
     if family == "non-UNet":
         raise StreamV2VError(

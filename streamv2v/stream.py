@@ -33,7 +33,7 @@ from .accel import StaticStep, resolve_accel, time_embeddings_in_use
 from .attention import bank_processors, pick_attention_kernel
 from .bank import BankConfig, FeatureBank, read_bank_file, self_attention_layers
 from .errors import StreamV2VError
-from .frames import output_size, processing_size, resize, to_rgb
+from .frames import MAX_SIDE, output_size, processing_size, resize, to_rgb
 from .modes import DEFAULT_ACCEL
 from .similar import SimilarFrameFilter
 
@@ -135,9 +135,9 @@ class StreamConfig:
             raise StreamV2VError(f"seed must be a whole number within 0..2^63-1, got {self.seed!r}")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or not 8 <= value <= 4096):
+            if value is not None and (not isinstance(value, int) or not 8 <= value <= MAX_SIDE):
                 raise StreamV2VError(
-                    f"{name} must be a whole number of pixels within 8..4096, got {value!r}"
+                    f"{name} must be a whole number of pixels within 8..{MAX_SIDE}, got {value!r}"
                 )
         if self.similar_filter is not None and not 0.0 < self.similar_filter < 1.0:
             raise StreamV2VError(
@@ -147,6 +147,14 @@ class StreamConfig:
         if self.similar_filter is None and self.max_skip != 10:
             raise StreamV2VError(
                 "max_skip only acts with the similar-frame filter: set a similar_filter threshold"
+            )
+
+    def check_negative_prompt(self, negative: str) -> None:
+        """A negative prompt acts only through the unconditional rows of CFG initialize/full."""
+        if negative.strip() and self.cfg_type not in ("initialize", "full"):
+            raise StreamV2VError(
+                f"a negative prompt has no effect with cfg type {self.cfg_type!r}: use cfg "
+                "type initialize or full (with guidance > 1), or clear the negative prompt"
             )
 
     @property
@@ -296,11 +304,7 @@ class StreamV2V:
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
         if not isinstance(negative, str):
             raise StreamV2VError(f"negative prompt must be text, got {type(negative).__name__}")
-        if negative.strip() and self.config.cfg_type not in ("initialize", "full"):
-            raise StreamV2VError(
-                f"a negative prompt has no effect with cfg type {self.config.cfg_type!r}: use cfg "
-                "type initialize or full (with guidance > 1), or clear the negative prompt"
-            )
+        self.config.check_negative_prompt(negative)
         with torch.inference_mode():
             cond, uncond = self.pipe.encode_prompt(
                 prompt=prompt,

@@ -310,13 +310,13 @@ class VideoWriter:
         crf: int | None = None,
     ) -> None:
         self.path = Path(path)
+        _check_writable(self.path)  # first: a folder has no extension either
         self._kind = CONTAINERS.get(self.path.suffix.lower())
         if self._kind is None:
             raise StreamV2VError(
                 f"output {self.path} has an unknown extension {self.path.suffix!r}: "
                 f"use one of {EXTENSIONS}"
             )
-        _check_writable(self.path)
         if not fps or fps <= 0:
             raise StreamV2VError(f"frame rate {fps} for output {self.path} must be positive")
         if width < 1 or height < 1:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from videos import make_video, probe
 
 from streamv2v import cli, loading, stream, video
@@ -83,6 +84,13 @@ def test_a_bad_input_fails_before_the_model_loads(tmp_path, capsys, make, messag
         (["--guidance", "1.5"], "has no effect with cfg type 'none'", 1),
         (["--bank", "dyme", "--bank-size", "3"], "no effect with the 'dyme' bank", 1),
         (["--width", "4"], "width must be a whole number of pixels within 8..4096", 1),
+        (["--width", "0"], "width must be a whole number of pixels within 8..4096, got 0", 1),
+        (
+            ["--height", "4096"],
+            "height 4096 on 64x48 frames makes them 5461 pixels wide, over 4096: give the width",
+            1,
+        ),
+        (["--negative-prompt", "blurry"], "negative prompt has no effect with cfg type", 1),
         (["--crf", "99"], "crf 99 for output", 1),
         (["--cfg-type", "fast"], "invalid choice: 'fast'", 2),
     ],
@@ -200,3 +208,24 @@ def test_a_run_with_taesd_a_queue_bank_two_steps_and_a_new_width(
 def _text(path):
     path.write_text("not a video\n" * 100)
     return path
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("MPS backend out of memory (MPS allocated: 9.00 GB)"),
+        MemoryError(),
+    ],
+    ids=["cuda", "mps", "cpu"],
+)
+def test_running_out_of_memory_is_one_line(tmp_path, capsys, clip, tiny_diffusers_dir, error):
+    def fail(self, frames):
+        raise error
+        yield
+
+    out = tmp_path / "out.mp4"
+    argv = [str(clip), str(out), "--model", str(tiny_diffusers_dir), "--prompt", "a cat"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("streamv2v.stream.StreamV2V.process", fail)
+        _fails(capsys, [*argv, "--device", "cpu"], "out of cpu memory: lower --width/--height")

@@ -358,6 +358,9 @@ def bad_model_cases(
     index["_class_name"] = "StableDiffusionXLPipeline"
     (sdxl_dir / "model_index.json").write_text(json.dumps(index))
     cases["sdxl_dir"] = (sdxl_dir, "SDXL")
+    partial = root / "no_unet_dir"  # a download that stopped before the UNet
+    shutil.copytree(tiny_diffusers_dir, partial, ignore=shutil.ignore_patterns("unet"))
+    cases["no_unet_dir"] = (partial, "lacks its 'unet' subfolder .* download is incomplete")
     (root / "garbage.safetensors").write_bytes(b"\x07" * 64)
     (root / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" * 4)
     (root / "some_folder").mkdir()

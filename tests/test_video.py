@@ -215,6 +215,7 @@ def test_bad_inputs_are_explained(tmp_path, make, message):
         ("out.avi", {}, "unknown extension '.avi': use one of .mp4, .mov, .mkv, .webm"),
         ("nowhere/out.mp4", {}, "folder .* does not exist"),
         ("folder.mp4", {}, "is a folder"),
+        ("folder", {}, "is a folder: give a file name such as out.mp4"),
         ("out.mp4", {"codec": "no-such-codec"}, "no no-such-codec video encoder"),
         ("out.mp4", {"codec": "aac"}, "no aac video encoder"),
         ("out.webm", {"codec": "mpeg4"}, ".webm files cannot hold mpeg4 video"),
@@ -224,6 +225,7 @@ def test_bad_inputs_are_explained(tmp_path, make, message):
 )
 def test_bad_outputs_are_explained(tmp_path, name, kwargs, message):
     (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "folder").mkdir()
     args = {"fps": 24, **kwargs}
     with pytest.raises(StreamV2VError, match=message):
         VideoWriter(tmp_path / name, args.pop("fps"), 64, 48, **args)
