@@ -476,6 +476,10 @@ def check_lora_file(spec: LoraSpec, what: str = "LoRA") -> Path:
         raise StreamV2VError(
             f"{what} {str(path)!r} holds no LoRA weights; pick a LoRA .safetensors file"
         )
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in shapes):
+        raise StreamV2VError(
+            f"{what} {str(path)!r} is an SDXL LoRA (it has two text encoders); use an SD1.5 LoRA"
+        )
     return path
 
 
@@ -735,19 +739,18 @@ def load_model(
         lora_list.append((spec, "LoRA"))
     for spec, what in lora_list:  # fail before the slow model load, not after it
         check_lora_file(spec, what)
-    if vae is not None:
-        _existing(vae, "VAE")
-
     with quiet_libraries():
+        # The VAE first: it is small, and a wrong one is named before the slow model load.
+        new_vae, vae_kind, vae_label = None, "kl", "own VAE"
+        if vae is not None:
+            new_vae, vae_kind, vae_label = _load_vae(vae, torch_dtype, configs)
         if model_path.is_dir():
             pipe = _load_diffusers_folder(model_path, torch_dtype, load_vae=vae is None)
             source = f"{model_path.name} (diffusers)"
         else:
             pipe = _load_single_file(model_path, torch_dtype, configs)
             source = f"{model_path.name} (single file)"
-        vae_kind, vae_label = "kl", "own VAE"
-        if vae is not None:
-            new_vae, vae_kind, vae_label = _load_vae(vae, torch_dtype, configs)
+        if new_vae is not None:
             pipe.register_modules(vae=new_vae)
         pipe.to(target)
         _apply_loras(pipe, lora_list)

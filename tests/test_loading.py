@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DCondit
 from safetensors.torch import load_file, save_file
 from tinymodels import LCM_LORA_SEED, LORA_DIFFUSERS_SEED, LORA_KOHYA_SEED
 
+import streamv2v.loading as loading
 from streamv2v.errors import StreamV2VError
 from streamv2v.loading import (
     SHIPPED_SD15_DIR,
@@ -425,8 +426,12 @@ def test_bad_loras_and_vaes_are_refused(
     xl_taesd = tmp_path / "xl" / "taesdxl_decoder.safetensors"
     xl_taesd.parent.mkdir()
     shutil.copy(tiny_taesd_dir / "taesd_decoder.safetensors", xl_taesd)
+    sdxl_lora = tmp_path / "sdxl_lora.safetensors"
+    name = "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    save_file({f"{name}.lora_down.weight": torch.zeros(4, 1280)}, str(sdxl_lora))
     cases = [
         ({"loras": [LoraSpec(tmp_path / "nope.safetensors")]}, "nope.safetensors", "not exist"),
+        ({"loras": [LoraSpec(sdxl_lora)]}, sdxl_lora, "is an SDXL LoRA"),
         ({"loras": [LoraSpec(tiny_single_file)]}, tiny_single_file, "full checkpoint"),
         ({"loras": [LoraSpec(no_match)]}, no_match, "does not fit this model"),
         ({"loras": [LoraSpec(flux_lora)]}, flux_lora, "matched no layer"),
@@ -442,10 +447,22 @@ def test_bad_loras_and_vaes_are_refused(
         ({"vae": tiny_diffusers_dir / "unet"}, tiny_diffusers_dir / "unet", "holds a"),
         ({"config_dir": tmp_path}, tmp_path, "no model_index.json"),
     ]
+    loads = []
+    real_load = loading._load_diffusers_folder
+
+    def counted_load(*args, **kwargs):
+        loads.append(args)
+        return real_load(*args, **kwargs)
+
     for kwargs, named, message in cases:
-        with pytest.raises(StreamV2VError, match=message) as info:
-            load_model(tiny_diffusers_dir, **{**CPU32, **kwargs})
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(loading, "_load_diffusers_folder", counted_load)
+            with pytest.raises(StreamV2VError, match=message) as info:
+                load_model(tiny_diffusers_dir, **{**CPU32, **kwargs})
         assert str(named) in str(info.value), kwargs
+        if "vae" in kwargs or "sdxl" in str(named):  # named before the model loads
+            assert not loads, kwargs
+        loads.clear()
     assert tiny_taesd_source.config.latent_channels == 4
 
 
