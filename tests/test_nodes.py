@@ -6,6 +6,7 @@ loaded the way ComfyUI loads it (a package under a mangled name, relative import
 """
 
 import importlib.util
+import json
 import os
 import sys
 import types
@@ -132,6 +133,15 @@ def test_node_contracts(comfy):
             assert kind in ("IMAGE", "FLOAT") or kind.startswith("STREAMV2V_"), (key, kind)
     sampler = widget_inputs(comfy.nodes["StreamV2VSampler"])
     assert sampler["seed"][1]["control_after_generate"] is False  # a stream's seed stays fixed
+
+
+def test_nodes_that_run_every_time_say_so_in_json(comfy):
+    """ComfyUI keeps IS_CHANGED's value in the prompt and sends its history as JSON: NaN (the
+    usual 'always run') is not JSON, and the frontend's queue then fails to load."""
+    for name in ("StreamV2VSampler", "StreamV2VFeatureBank", "StreamV2VFree"):
+        first, second = (comfy.nodes[name].IS_CHANGED() for _ in range(2))
+        assert first != second, name
+        json.dumps([first, second], allow_nan=False)
 
 
 def test_dropdowns_list_the_model_folders(comfy):
