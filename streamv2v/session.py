@@ -478,12 +478,10 @@ def _layout(model: StreamModel, config: StreamConfig, size: tuple[int, int]) -> 
     """What a bank's tokens depend on: the weights, the size frames are processed at, and the
     UNet's batch rows (one per step, plus CFG's)."""
     height, width = size
-    steps = len(config.timestep_indices)
-    rows = {"full": 2 * steps, "initialize": steps + 1}.get(config.cfg_type, steps)
     return (
         model.description,
         processing_size(*output_size(config.width, config.height, width, height)),
-        rows,
+        config.unet_rows,
     )
 
 

@@ -158,6 +158,12 @@ class StreamConfig:
             )
 
     @property
+    def unet_rows(self) -> int:
+        """The UNet call's batch: a row per step, and CFG's unconditional rows."""
+        steps = len(self.timestep_indices)
+        return {"full": 2 * steps, "initialize": steps + 1}.get(self.cfg_type, steps)
+
+    @property
     def timestep_indices(self) -> tuple[int, ...]:
         """The denoising steps as indices into the 50-step LCM schedule."""
         if self.t_index_list is not None:
@@ -235,9 +241,6 @@ class StreamV2V:
         c = self.config
         self.steps = len(c.timestep_indices)
         self.lag = self.steps - 1
-        self._rows = {"full": 2 * self.steps, "initialize": self.steps + 1}.get(
-            c.cfg_type, self.steps
-        )
         self.attention_backend, self._kernel = pick_attention_kernel(
             self.device, self.dtype, compiled=self.accel == "compile"
         )
