@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
@@ -152,14 +153,13 @@ class Session:
     bank: FeatureBank | None = None
     stream: StreamV2V | None = None
     key: tuple | None = None
-    # What the bank's tokens were made with (model, frame size, UNet batch rows): tokens of
-    # another model or shape mean nothing to a stream, so a change starts a new bank.
-    layout: tuple | None = None
-    # The stream's last run was a batch (a video, or a chunk of one): a single frame after it
-    # is the video's last chunk, not a live frame.
-    batched: bool = False
-    # The stream's current (or last) run takes single frames live, its output lagging.
-    live: bool = False
+    # What the bank's tokens were made with: tokens of another model or shape mean nothing
+    # to a stream, so a change starts a new bank.
+    layout: BankLayout | None = None
+    # How the stream's current (or last) run takes its frames: "batch" (a video, or a chunk
+    # of one), "tail" (a single frame right after a batch: the video's last chunk) or "live"
+    # (single frames, the output lagging); None before its first run.
+    mode: str | None = None
     # The stream was let go with the model (Free Memory, Unload Models); the bank was kept.
     released: bool = False
     runs: int = 0
@@ -202,8 +202,8 @@ class Session:
     def _reset_now(self) -> None:
         if self.bank is not None:
             self.bank.reset()
-        self.stream, self.key, self.layout = None, None, None
-        self.batched = self.live = self.released = self._reset_pending = False
+        self.stream, self.key, self.layout, self.mode = None, None, None, None
+        self.released = self._reset_pending = False
 
     def release(self) -> None:
         """Let go of the stream (and so of its model); the bank stays."""
@@ -222,7 +222,7 @@ class Session:
             # How far a live output is behind its input: nothing in a batch (outputs in step)
             # or while the stream fills (the frame is finished early).
             filling = frames_in <= self.stream.lag
-            stats["lag"] = self.stream.lag if self.live and not filling else 0
+            stats["lag"] = self.stream.lag if self.mode == "live" and not filling else 0
         return stats
 
     def run(
@@ -261,8 +261,7 @@ class Session:
                 self.stream,
                 self.key,
                 self.layout,
-                self.batched,
-                self.live,
+                self.mode,
                 self.released,
                 self.stream and self.stream.checkpoint(),
             )
@@ -272,20 +271,21 @@ class Session:
                 stream.on_status = on_status
                 if (prompt, negative_prompt) != (stream.prompt, stream.negative_prompt):
                     stream.set_prompt(prompt, negative_prompt)
-                self.live = count == 1 and not self.batched
-                if self.live:
+                if count > 1:
+                    self.mode = "batch"
+                else:
+                    self.mode = "tail" if self.mode == "batch" else "live"
+                if self.mode == "live":
                     outputs = self._live(stream, frames[0])
                     if on_frame is not None:
                         on_frame(1, 1, outputs[-1])
                 else:
                     outputs = self._batch(stream, frames, each_run, on_frame)
-                self.batched = count > 1
                 if stream.accel_note:  # read after the frames: compiling may have failed on them
                     self.notes.append(stream.accel_note)
             except BaseException as exc:
                 *state, checkpoint = saved
-                self.bank, self.stream, self.key, self.layout, self.batched, self.live = state[:6]
-                self.released = state[6]
+                self.bank, self.stream, self.key, self.layout, self.mode, self.released = state
                 if self.stream is not None:
                     self.stream.rollback(checkpoint)
                 if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -310,7 +310,7 @@ class Session:
         key = (id(model), config, bank_config, accel, size)
         if self.stream is not None and self.key == key and each_run == "continue stream":
             return self.stream
-        layout = _layout(model, config, size)
+        layout = BankLayout.of(model, config, size)
         if self.bank is None or self.bank.config != bank_config:
             if self.bank is not None and self.bank.frames_absorbed:
                 self.notes.append("bank settings changed: started a new bank")
@@ -325,8 +325,7 @@ class Session:
         elif self.stream is not None:
             self.notes.append("settings changed: new stream, bank kept")
         self.stream = StreamV2V(model, config, self.bank, accel=accel)
-        self.key, self.layout = key, layout
-        self.batched = self.released = False
+        self.key, self.layout, self.mode, self.released = key, layout, None, False
         return self.stream
 
     def _live(self, stream: StreamV2V, frame: torch.Tensor) -> list[torch.Tensor]:
@@ -474,27 +473,31 @@ class SessionRegistry:
         self._sessions.clear()
 
 
-def _layout(model: StreamModel, config: StreamConfig, size: tuple[int, int]) -> tuple:
+class BankLayout(NamedTuple):
     """What a bank's tokens depend on: the weights, the size frames are processed at, and the
     UNet's batch rows (one per step, plus CFG's)."""
-    height, width = size
-    return (
-        model.description,
-        processing_size(*output_size(config.width, config.height, width, height)),
-        config.unet_rows,
-    )
+
+    model: str
+    size: tuple[int, int]
+    rows: int
+
+    @classmethod
+    def of(cls, model: StreamModel, config: StreamConfig, size: tuple[int, int]) -> BankLayout:
+        height, width = size
+        processed = processing_size(*output_size(config.width, config.height, width, height))
+        return cls(model.description, processed, config.unet_rows)
 
 
-def _what_changed(old: tuple | None, new: tuple) -> str:
+def _what_changed(old: BankLayout | None, new: BankLayout) -> str:
     if old is None:
         return "the bank was filled by another stream"
     changed = []
-    if old[0] != new[0]:
+    if old.model != new.model:
         changed.append("the model")
-    if old[1] != new[1]:
-        (w0, h0), (w1, h1) = old[1], new[1]
+    if old.size != new.size:
+        (w0, h0), (w1, h1) = old.size, new.size
         changed.append(f"the frame size ({w0}x{h0} to {w1}x{h1})")
-    if old[2] != new[2]:
+    if old.rows != new.rows:
         changed.append("the step count or CFG type")
     return " and ".join(changed) + " changed"
 

@@ -24,8 +24,8 @@ from av.video.reformatter import ColorRange, Colorspace
 from .errors import StreamV2VError
 from .frames import to_rgb
 
-# A rate for the rare stream that declares none (raw elementary streams, some GIFs).
 TIME_SCALE = 90000  # ticks a second for frame times, as MPEG transport streams use
+# A rate for the rare stream that declares none (raw elementary streams, some GIFs).
 FALLBACK_FPS = Fraction(30)
 AUDIO_BIT_RATE = 192_000
 # Outputs are converted and tagged as BT.709 limited range: untagged video is read as BT.601
