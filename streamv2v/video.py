@@ -335,6 +335,7 @@ class VideoWriter:
                 )
         self.frames_written = 0
         self._last_pts: int | None = None
+        self._last_time: Fraction | None = None
         self._container: av.container.OutputContainer | None = None
         self._video: av.VideoStream | None = None
         self._audio: _AudioTrack | None = None
@@ -445,19 +446,20 @@ class VideoWriter:
                 dst_colorspace=Colorspace.ITU709,
                 dst_color_range=ColorRange.MPEG,
             )
-            if time is None:
-                time = self.frames_written / self.fps
-            pts = round(Fraction(time) / self._video.codec_context.time_base)
-            if self._last_pts is not None and pts <= self._last_pts:
+            time = self.frames_written / self.fps if time is None else Fraction(time)
+            if self._last_time is not None and time <= self._last_time:
                 raise StreamV2VError(
                     f"frame {self.frames_written} for {self.path} is timed at {float(time):.6f} "
                     "s, not after the frame before it: give increasing times"
                 )
-            picture.pts = self._last_pts = pts
+            pts = round(time / self._video.codec_context.time_base)
+            if self._last_pts is not None:  # two times within one tick (MPEG-4 Part 2's clock)
+                pts = max(pts, self._last_pts + 1)
+            picture.pts, self._last_pts, self._last_time = pts, pts, time
             self._container.mux(self._video.encode(picture))
             self.frames_written += 1
             if self._audio is not None:  # the sound up to the end of this frame
-                self._audio.write_until(self._container, Fraction(time) + 1 / self.fps)
+                self._audio.write_until(self._container, time + 1 / self.fps)
         except (av.error.FFmpegError, OSError) as e:
             raise StreamV2VError(f"writing output {self.path} failed: {_reason(e)}") from e
 

@@ -254,3 +254,15 @@ def _audio_only(path):
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return path
+
+
+def test_frame_times_keep_order_on_a_coarse_clock_and_must_increase(tmp_path):
+    """MPEG-4 Part 2 counts at the rate itself: two times within one of its ticks still give
+    two frames, in order; a time that goes back is a mistake and is named."""
+    frame = np.zeros((48, 64, 3), np.uint8)
+    with VideoWriter(tmp_path / "out.mp4", 30, 64, 48, codec="mpeg4") as writer:
+        for time in (Fraction(0), Fraction(1, 100), Fraction(1, 10)):
+            writer.write(frame, time)
+        with pytest.raises(StreamV2VError, match="not after the frame before it"):
+            writer.write(frame, Fraction(1, 20))
+    assert len(probe(tmp_path / "out.mp4")["frames"]) == 3
