@@ -46,7 +46,6 @@ def stand_in_comfyui(device: str) -> None:
     management = types.ModuleType("comfy.model_management")
     management.get_torch_device = lambda: torch.device(device)
     management.throw_exception_if_processing_interrupted = lambda: None
-    management.unload_all_models = lambda: None
     comfy.utils, comfy.model_management = utils, management
     sys.modules.update(
         {

@@ -1,12 +1,12 @@
 """ComfyUI nodes over the StreamV2V engine: widgets in, one engine call, pack types out.
 
 Importing this package needs no ComfyUI (tests, tools); inside ComfyUI it also adds the
-pack's routes and hooks ComfyUI's "unload models".
+pack's routes and hooks ComfyUI's memory manager.
 """
 
 from .bank import StreamV2VFeatureBank
 from .consistency import StreamV2VTemporalConsistency
-from .free import StreamV2VFree, add_routes, hook_unload_models
+from .free import StreamV2VFree, add_routes, hook_free_memory
 from .loaders import StreamV2VLoadLoRA, StreamV2VLoadModel, StreamV2VPatchAttention
 from .sampler import StreamV2VSampler
 from .state import log
@@ -36,5 +36,5 @@ except ImportError:
     pass
 else:
     add_routes()
-    hook_unload_models()
-    log.info("StreamV2V: routes added, ComfyUI's unload releases the pack's model")
+    hook_free_memory()
+    log.info("StreamV2V: routes added, ComfyUI's memory manager releases the pack's model")

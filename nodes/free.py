@@ -1,14 +1,17 @@
-"""Releasing the pack's memory: a node, two routes, and ComfyUI's own "unload models".
+"""Releasing the pack's memory: a node, two routes, and ComfyUI's own memory manager.
 
-The pack's diffusers model is invisible to ComfyUI's model manager, so ``/free`` alone would
-not release it; wrapping ``unload_all_models`` makes ComfyUI's "unload models" (and
-``POST /free {"unload_models": true}``) release ours too.
+The pack's diffusers model is invisible to ComfyUI's model manager, which frees room for the
+models it loads (and for "unload models") by unloading only its own. Wrapping its
+``free_memory`` lets it release ours too when its own were not enough.
 """
 
 from __future__ import annotations
 
+import torch
+
+from ..streamv2v.loading import resolve_device
 from . import comfy
-from .state import SESSIONS, log, release_models
+from .state import MODELS, SESSIONS, log, release_models
 
 
 class StreamV2VFree:
@@ -44,21 +47,58 @@ class StreamV2VFree:
         return {"ui": {"text": [text]}, "result": (images,)}
 
 
-def hook_unload_models() -> None:
-    """Make ComfyUI's unload_all_models release our model too (once)."""
+def hook_free_memory() -> None:
+    """Have ComfyUI's memory manager release our model when it needs the room (once).
+
+    ComfyUI unloads its own models first. If the device still lacks the room asked for, our
+    model goes too, unless the running prompt has StreamV2V nodes: releasing it there would
+    reload it at every run, where ComfyUI's low-VRAM loading copes. "Unload models" asks for
+    more room than any device has, so it always releases ours (between prompts).
+    """
     import comfy.model_management as mm
 
-    original = mm.unload_all_models
+    original = mm.free_memory
     if getattr(original, "_streamv2v", False):
         return
 
-    def unload_all_models(*args, **kwargs):
-        if release_models():
-            log.info("StreamV2V: released its model with ComfyUI's unload")
-        return original(*args, **kwargs)
+    def free_memory(memory_required, device, *args, **kwargs):
+        unloaded = original(memory_required, device, *args, **kwargs)
+        spec = MODELS.loaded
+        if (
+            spec is not None
+            and _same_device(resolve_device(spec.device), torch.device(device))
+            and mm.get_free_memory(device) < memory_required
+            and not _prompt_runs_pack()
+            and release_models()
+        ):
+            log.info("StreamV2V: released its model to make room for ComfyUI's")
+            mm.soft_empty_cache()
+        return unloaded
 
-    unload_all_models._streamv2v = True
-    mm.unload_all_models = unload_all_models
+    free_memory._streamv2v = True
+    mm.free_memory = free_memory
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:N`` name one GPU when N is the current one."""
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return a.type == b.type and (current if a.index is None else a.index) == (
+        current if b.index is None else b.index
+    )
+
+
+def _prompt_runs_pack() -> bool:
+    """Whether the prompt ComfyUI is running has one of the pack's nodes."""
+    from server import PromptServer
+
+    from . import NODE_CLASS_MAPPINGS
+
+    running, _ = PromptServer.instance.prompt_queue.get_current_queue_volatile()
+    return any(
+        isinstance(node, dict) and node.get("class_type") in NODE_CLASS_MAPPINGS
+        for item in running
+        for node in item[2].values()
+    )
 
 
 def add_routes() -> None:

@@ -2,6 +2,7 @@
 torch.compile on a GPU (those cases skip without one)."""
 
 import copy
+import gc
 import os
 import shutil
 import sys
@@ -283,6 +284,34 @@ def test_one_compiled_graph_serves_frames_that_update_the_bank_and_frames_that_d
         assert len(graphs) == traced  # not traced again
         assert not any(torch.equal(a, b) for a, b in zip(before, stored()))
     torch._dynamo.reset()
+
+
+@GPU
+@pytest.mark.parametrize("accel", ["graphs", "compile"])
+def test_releasing_the_model_frees_its_gpu_memory(tiny_model_taesd, accel):
+    """What Free Memory, Unload Models and ComfyUI's memory manager count on: once the cache
+    and the streams let go of the model, nothing (CUDA graphs, compiled code, time embeddings)
+    holds its weights on the GPU; the bank stays."""
+    gc.collect()
+    before = torch.cuda.memory_allocated()
+    cache, sessions = session_module.ModelCache(), session_module.SessionRegistry()
+    spec = session_module.ModelSpec("tiny", device="cuda")
+    cache.adopt(spec, on_device(tiny_model_taesd, accel))
+    weights = sum(p.nbytes for p in cache.get(spec).pipe.unet.parameters())
+    outputs = sessions.get("kept").run(
+        cache.get(spec), StreamConfig(), BANKS["dyme"], "a cat", "", video(10), accel=accel
+    )
+    assert outputs.shape[0] == 10 and sessions.find("kept").stream.accel == accel
+    bank = sessions.find("kept").bank
+    held = torch.cuda.memory_allocated() - before
+    assert held > weights + bank.nbytes()
+
+    sessions.drop_streams()
+    assert cache.clear()
+    gc.collect()
+    left = torch.cuda.memory_allocated() - before
+    assert left < bank.nbytes() + weights // 2, (held, left, bank.nbytes(), weights)
+    assert bank.frames_absorbed > 0
 
 
 def test_a_saved_fast_stream_continues_exactly(tiny_model_taesd, tmp_path):

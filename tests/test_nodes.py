@@ -61,15 +61,21 @@ def comfy(tmp_path_factory, tiny_diffusers_dir, tiny_lcm_lora, tiny_lora_kohya, 
         def update_absolute(self, value, total=None, preview=None):
             progress.append((value, total, preview is not None))
 
-    state = types.SimpleNamespace(interrupt_after=None, checks=0, unloads=0)
+    # free: what ComfyUI's get_free_memory reports; freed: its free_memory calls, which
+    # unload none of its own models here
+    state = types.SimpleNamespace(interrupt_after=None, checks=0, free=2**30, freed=[], empties=0)
 
     def throw_exception_if_processing_interrupted():
         state.checks += 1
         if state.interrupt_after is not None and state.checks > state.interrupt_after:
             raise Interrupted()
 
-    def unload_all_models():
-        state.unloads += 1
+    def free_memory(memory_required, device, keep_loaded=()):
+        state.freed.append((memory_required, device))
+        return []
+
+    def soft_empty_cache():
+        state.empties += 1
 
     comfy_pkg = types.ModuleType("comfy")
     utils = types.ModuleType("comfy.utils")
@@ -77,7 +83,11 @@ def comfy(tmp_path_factory, tiny_diffusers_dir, tiny_lcm_lora, tiny_lora_kohya, 
     mm = types.ModuleType("comfy.model_management")
     mm.get_torch_device = lambda: torch.device("cpu")
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
-    mm.unload_all_models = unload_all_models
+    mm.free_memory = free_memory
+    mm.get_free_memory = lambda device: state.free
+    mm.soft_empty_cache = soft_empty_cache
+    # as ComfyUI's: a call through the module, so a wrapped free_memory is the one called
+    mm.unload_all_models = lambda: mm.free_memory(1e30, mm.get_torch_device())
     comfy_pkg.utils, comfy_pkg.model_management = utils, mm
 
     with pytest.MonkeyPatch.context() as mp:
@@ -469,13 +479,30 @@ def test_out_of_memory_becomes_a_clear_message(comfy, monkeypatch):
         sample(comfy, model, handle, video(2))
 
 
-def test_free_releases_the_model_through_comfyui_unload(comfy):
+@pytest.fixture
+def running(comfy, monkeypatch) -> list[dict]:
+    """The prompts ComfyUI is running, as its queue gives them (none between prompts)."""
+    prompts: list[dict] = []
+    queue = types.SimpleNamespace(
+        get_current_queue_volatile=lambda: ([(0, "id", p, {}, []) for p in prompts], [])
+    )
+    server = types.ModuleType("server")
+    server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(prompt_queue=queue))
+    monkeypatch.setitem(sys.modules, "server", server)
+    comfy.state.freed.clear()
+    comfy.state.empties = 0
+    comfy.pack.nodes.hook_free_memory()
+    comfy.pack.nodes.hook_free_memory()  # once: a second call does not wrap it twice
+    return prompts
+
+
+def test_free_releases_the_model_through_comfyui_unload(comfy, running):
     model = load(comfy)
     cache = comfy.state_module.MODELS
     assert cache.loaded == model.spec
-    comfy.pack.nodes.hook_unload_models()
     comfy.mm.unload_all_models()
-    assert cache.loaded is None and comfy.state.unloads == 1
+    assert cache.loaded is None and comfy.state.freed == [(1e30, torch.device("cpu"))]
+    assert comfy.state.empties == 1
     out = comfy.nodes["StreamV2VFree"]().free(video(1))
     assert out["ui"]["text"] == ["no StreamV2V model was loaded"]
     handle, _ = bank(comfy, name="after-free")
@@ -483,6 +510,32 @@ def test_free_releases_the_model_through_comfyui_unload(comfy):
     assert comfy.nodes["StreamV2VFree"]().free(video(1))["ui"]["text"] == [
         "released the StreamV2V model"
     ]
+
+
+def test_comfyui_short_of_memory_releases_the_model_unless_streamv2v_is_running(comfy, running):
+    model = load(comfy)
+    handle, _ = bank(comfy, name="room")
+    sample(comfy, model, handle, video(2))
+    cache, sessions = comfy.state_module.MODELS, comfy.state_module.SESSIONS
+    cpu = torch.device("cpu")
+
+    comfy.mm.free_memory(2**20, cpu)  # ComfyUI has the room: ours stays
+    assert cache.loaded == model.spec
+    comfy.mm.free_memory(2**40, torch.device("cuda:0"))  # another device's room
+    assert cache.loaded == model.spec
+    running.append({"1": {"class_type": "StreamV2VSampler", "inputs": {}}})
+    comfy.mm.free_memory(2**40, cpu)  # short, in a StreamV2V prompt: reloading every run
+    assert cache.loaded == model.spec  # would cost more than ComfyUI's low-VRAM loading
+    running[:] = [{"1": {"class_type": "KSampler", "inputs": {}}}]
+    comfy.mm.free_memory(2**40, cpu)  # short, in another workflow: ours goes, the bank stays
+    assert cache.loaded is None and comfy.state.empties == 1
+    assert sessions.find("room").bank.frames_absorbed > 0
+    assert len(comfy.state.freed) == 4  # ComfyUI's own unloading ran every time
+
+    running.clear()
+    out = sample(comfy, model, handle, video(2))  # the next StreamV2V run loads it again
+    assert out[0].shape == (2, 24, 32, 3) and cache.loaded == model.spec
+    assert "the model was released: new stream, bank kept" in out[1]
 
 
 def test_temporal_consistency_measures_flicker_and_plots_it(comfy):
