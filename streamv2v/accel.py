@@ -47,6 +47,7 @@ from .attention import (
 )
 from .bank import join_updates, self_attention_layers
 from .cachedir import kept_folder
+from .cudastreams import side_stream
 from .errors import StreamV2VError, describe_failure
 from .modes import ACCEL_MODES
 
@@ -365,7 +366,7 @@ class StaticStep:
 
     def _warm_up(self, updating: bool) -> None:
         """Run the step uncaptured: torch.compile compiles in the first call, cuDNN tunes."""
-        side = torch.cuda.Stream(device=self.input.device)
+        side = side_stream(self.input.device, "warm-up")
         side.wait_stream(torch.cuda.current_stream())
         cache = compile_cache() if self.mode == "compile" else nullcontext()
         try:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .bank import FeatureBank, fuse, self_attention_layers
 from .cachedir import kept_folder
+from .cudastreams import side_stream
 from .errors import describe_failure
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def time_kernel(kernel: AttentionKernel, *args) -> float:
         for _ in range(TIMED_CALLS):
             kernel(*args)
         return (time.perf_counter() - start) / TIMED_CALLS
-    side = torch.cuda.Stream(device=args[0].device)
+    side = side_stream(args[0].device, "warm-up")
     side.wait_stream(torch.cuda.current_stream(args[0].device))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cudastreams import side_stream
 from .errors import StreamV2VError
 from .kernels import best_match, best_match_reference, triton_usable
 
@@ -150,10 +151,8 @@ def _merge_in_place(
         joint[:, lead:].copy_(x)
 
 
-@functools.cache
 def _update_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream a device's bank updates run on."""
-    return torch.cuda.Stream(device=device)
+    return side_stream(device, "bank updates")
 
 
 @functools.cache

@@ -32,6 +32,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from .accel import StaticStep, resolve_accel, time_embeddings_in_use
 from .attention import bank_processors, pick_attention_kernel
 from .bank import BankConfig, FeatureBank, read_bank_file, self_attention_layers
+from .cudastreams import side_stream
 from .errors import StreamV2VError
 from .frames import MAX_SIDE, output_size, processing_size, resize, to_rgb
 from .modes import DEFAULT_ACCEL
@@ -261,7 +262,6 @@ class StreamV2V:
         self.set_prompt(prompt, negative_prompt)
         self._reset_stream()
         self._fast = StaticStep(self, self.accel) if self.accel != "off" else None
-        self._copy_stream: torch.cuda.Stream | None = None
 
     def status(self, text: str) -> None:
         """Tell the user what a long wait is (the log, and ``on_status`` when given)."""
@@ -372,12 +372,11 @@ class StreamV2V:
         """
         if self.device.type != "cuda" or frames.device.type != "cpu":
             return frames.to(self.device)
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
+        copies = side_stream(self.device, "copies")
         compute = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self._copy_stream):
+        with torch.cuda.stream(copies):
             moved = frames.pin_memory().to(self.device, non_blocking=True)
-        compute.wait_stream(self._copy_stream)
+        compute.wait_stream(copies)
         moved.record_stream(compute)  # its memory is reused only once computing is done with it
         return moved
 

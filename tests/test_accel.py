@@ -8,6 +8,7 @@ import shutil
 import sys
 import time
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -290,28 +291,27 @@ def test_one_compiled_graph_serves_frames_that_update_the_bank_and_frames_that_d
 @pytest.mark.parametrize("accel", ["graphs", "compile"])
 def test_releasing_the_model_frees_its_gpu_memory(tiny_model_taesd, accel):
     """What Free Memory, Unload Models and ComfyUI's memory manager count on: once the cache
-    and the streams let go of the model, nothing (CUDA graphs, compiled code, time embeddings)
-    holds its weights on the GPU; the bank stays."""
-    gc.collect()
-    before = torch.cuda.memory_allocated()
+    and the streams let go of the model, nothing (CUDA graphs, compiled code) keeps it, and a
+    new stream after a release holds no more than the one before (cuBLAS keeps a workspace for
+    every CUDA stream that ran a matrix product, for the life of the process)."""
     cache, sessions = session_module.ModelCache(), session_module.SessionRegistry()
     spec = session_module.ModelSpec("tiny", device="cuda")
-    cache.adopt(spec, on_device(tiny_model_taesd, accel))
-    weights = sum(p.nbytes for p in cache.get(spec).pipe.unet.parameters())
-    outputs = sessions.get("kept").run(
-        cache.get(spec), StreamConfig(), BANKS["dyme"], "a cat", "", video(10), accel=accel
-    )
-    assert outputs.shape[0] == 10 and sessions.find("kept").stream.accel == accel
-    bank = sessions.find("kept").bank
-    held = torch.cuda.memory_allocated() - before
-    assert held > weights + bank.nbytes()
-
-    sessions.drop_streams()
-    assert cache.clear()
-    gc.collect()
-    left = torch.cuda.memory_allocated() - before
-    assert left < bank.nbytes() + weights // 2, (held, left, bank.nbytes(), weights)
-    assert bank.frames_absorbed > 0
+    left = []
+    for _ in range(3):
+        cache.adopt(spec, on_device(tiny_model_taesd, accel))
+        unet = weakref.ref(cache.get(spec).pipe.unet)
+        frames = video(10)
+        out = sessions.get("kept").run(
+            cache.get(spec), StreamConfig(), BANKS["dyme"], "a cat", "", frames, accel=accel
+        )
+        assert len(out) == 10 and sessions.find("kept").stream.accel == accel
+        sessions.drop_streams()
+        assert cache.clear()
+        gc.collect()
+        assert unet() is None
+        left.append(torch.cuda.memory_allocated())
+    assert sessions.find("kept").bank.frames_absorbed > 0  # the bank stays
+    assert max(left[1:]) <= left[0] + 2**20, [f"{b / 2**20:.1f} MiB" for b in left]
 
 
 def test_a_saved_fast_stream_continues_exactly(tiny_model_taesd, tmp_path):
