@@ -64,7 +64,7 @@ class StreamV2VFeatureBank:
     OUTPUT_TOOLTIPS = ("The named bank, for the Stream Batch Sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "kind": (
@@ -111,10 +111,10 @@ class StreamV2VFeatureBank:
         }
 
     @classmethod
-    def IS_CHANGED(cls, **kwargs):
+    def IS_CHANGED(cls, **kwargs) -> int:
         return comfy.every_run()  # runs every time so its display is current
 
-    def bank(self, kind, size, interval, name, each_run):
+    def bank(self, kind: str, size: int, interval: int, name: str, each_run: str) -> dict:
         from ..streamv2v.bank import BankConfig
 
         name = validate_bank_name(name)

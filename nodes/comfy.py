@@ -149,14 +149,16 @@ def resolve_vae(choice: str) -> str | None:
     return _full_path("vae", choice)
 
 
+PREVIEW_EVERY_S = 0.25  # a JPEG preview per quarter second: enough to watch, cheap to send
+
+
 class Progress:
     """ComfyUI's progress bar with a throttled preview, and the interrupt check per frame."""
 
-    def __init__(self, total: int, preview_every_s: float = 0.25) -> None:
+    def __init__(self, total: int) -> None:
         import comfy.utils
 
         self.bar = comfy.utils.ProgressBar(total)
-        self.every = preview_every_s
         self.last = 0.0
 
     def __call__(self, done: int, total: int, image: torch.Tensor | None) -> None:
@@ -165,7 +167,7 @@ class Progress:
         comfy.model_management.throw_exception_if_processing_interrupted()
         now = time.monotonic()
         preview = None
-        if image is not None and (now - self.last >= self.every or done == total):
+        if image is not None and (now - self.last >= PREVIEW_EVERY_S or done == total):
             from PIL import Image
 
             self.last = now
@@ -174,7 +176,7 @@ class Progress:
         self.bar.update_absolute(done, total, preview)
 
 
-def device() -> str | None:
+def device() -> str:
     """ComfyUI's chosen device (honours --cpu, --gpu-only, ...)."""
     import comfy.model_management
 

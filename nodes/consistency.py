@@ -5,15 +5,21 @@ from __future__ import annotations
 import math
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from ..streamv2v.errors import StreamV2VError
 from ..streamv2v.frames import resize
 from ..streamv2v.metrics import pixel_consistency, warp_error
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 PLOT_SIZE = (480, 160)
 
 
-def plot(per_pair: list[float], title: str):
+def plot(per_pair: list[float], title: str) -> Image.Image:
     """A small line chart of the error per frame pair (PIL only: no plotting dependency)."""
     from PIL import Image, ImageDraw
 
@@ -63,7 +69,7 @@ class StreamV2VTemporalConsistency:
     )
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "input_images": ("IMAGE", {"tooltip": "The original video frames."}),
@@ -81,7 +87,7 @@ class StreamV2VTemporalConsistency:
             }
         }
 
-    def measure(self, input_images, output_images, flow):
+    def measure(self, input_images: torch.Tensor, output_images: torch.Tensor, flow: str) -> dict:
         import folder_paths
 
         if len(input_images) != len(output_images):

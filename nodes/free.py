@@ -27,7 +27,7 @@ class StreamV2VFree:
     OUTPUT_TOOLTIPS = ("The input images, passed through.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "images": (
@@ -38,10 +38,10 @@ class StreamV2VFree:
         }
 
     @classmethod
-    def IS_CHANGED(cls, **kwargs):
+    def IS_CHANGED(cls, **kwargs) -> int:
         return comfy.every_run()
 
-    def free(self, images):
+    def free(self, images: torch.Tensor) -> dict:
         released = release_models()
         text = "released the StreamV2V model" if released else "no StreamV2V model was loaded"
         return {"ui": {"text": [text]}, "result": (images,)}
@@ -71,7 +71,9 @@ def hook_free_memory() -> None:
             and not _prompt_runs_pack()
             and release_models()
         ):
-            log.info("StreamV2V: released its model to make room for ComfyUI's")
+            log.info(
+                "StreamV2V: released its model for ComfyUI (Unload Models, or room for a model)"
+            )
             mm.soft_empty_cache()
         return unloaded
 

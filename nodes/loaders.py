@@ -24,7 +24,7 @@ class StreamV2VLoadModel:
     OUTPUT_TOOLTIPS = ("The loaded model, for Patch Attention, Load LoRA or the sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "model": (
@@ -65,7 +65,9 @@ class StreamV2VLoadModel:
             }
         }
 
-    def load(self, model, lcm_lora, lcm_lora_strength, vae, dtype):
+    def load(
+        self, model: str, lcm_lora: str, lcm_lora_strength: float, vae: str, dtype: str
+    ) -> tuple[PatchedModel]:
         from ..streamv2v.errors import StreamV2VError
 
         if lcm_lora == "none" and lcm_lora_strength != 1.0:
@@ -93,7 +95,7 @@ class StreamV2VLoadLoRA:
     OUTPUT_TOOLTIPS = ("The model with this LoRA fused in (loaded when the sampler runs).",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "The model to add the LoRA to."}),
@@ -114,7 +116,7 @@ class StreamV2VLoadLoRA:
             }
         }
 
-    def apply(self, model: PatchedModel, lora_name: str, strength: float):
+    def apply(self, model: PatchedModel, lora_name: str, strength: float) -> tuple[PatchedModel]:
         from ..streamv2v.loading import LoraSpec, check_lora_file
 
         lora = LoraSpec(comfy.resolve_lora(lora_name), strength)
@@ -135,7 +137,7 @@ class StreamV2VPatchAttention:
     OUTPUT_TOOLTIPS = ("The model with these attention settings.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "The model to patch."}),
@@ -181,11 +183,11 @@ class StreamV2VPatchAttention:
     def patch(
         self,
         model: PatchedModel,
-        extended_attention,
-        feature_fusion,
-        fusion_strength,
-        fusion_threshold,
-    ):
+        extended_attention: bool,
+        feature_fusion: bool,
+        fusion_strength: float,
+        fusion_threshold: float,
+    ) -> tuple[PatchedModel]:
         patch = AttentionPatch(
             extended_attention, feature_fusion, fusion_strength, fusion_threshold
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..streamv2v.errors import StreamV2VError
 from ..streamv2v.modes import DEFAULT_ACCEL, USER_ACCEL_MODES
 from ..streamv2v.session import PatchedModel
@@ -50,7 +52,7 @@ class StreamV2VSampler:
     OUTPUT_TOOLTIPS = ("The restyled frames, on the CPU, at the input's size (or width/height).",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "From Load LCM Model (optionally patched)."}),
@@ -192,30 +194,30 @@ class StreamV2VSampler:
         }
 
     @classmethod
-    def IS_CHANGED(cls, **kwargs):
+    def IS_CHANGED(cls, **kwargs) -> int:
         return comfy.every_run()  # every queued run is the next part of the stream
 
     def sample(
         self,
         model: PatchedModel,
         bank: BankHandle,
-        images,
-        prompt,
-        negative_prompt,
-        steps,
-        strength,
-        seed,
-        cfg_type,
-        guidance,
-        delta,
-        similar_filter,
-        max_skip,
-        width,
-        height,
-        acceleration=DEFAULT_ACCEL,
-        unique_id=None,
-        graph=None,
-    ):
+        images: torch.Tensor,
+        prompt: str,
+        negative_prompt: str,
+        steps: int,
+        strength: float,
+        seed: int,
+        cfg_type: str,
+        guidance: float,
+        delta: float,
+        similar_filter: float,
+        max_skip: int,
+        width: int,
+        height: int,
+        acceleration: str = DEFAULT_ACCEL,
+        unique_id: str | None = None,
+        graph: dict | None = None,
+    ) -> dict:
         others = samplers_sharing(graph, unique_id, bank.name)
         if others:
             raise StreamV2VError(

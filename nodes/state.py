@@ -12,8 +12,8 @@ from ..streamv2v.session import ModelCache, SessionRegistry
 
 log = logging.getLogger("ComfyUI-StreamV2V")
 
-MODELS = ModelCache()
 SESSIONS = SessionRegistry()
+MODELS = ModelCache(let_go=SESSIONS.drop_streams)
 
 
 def release_models() -> bool:

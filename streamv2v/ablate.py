@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from .stream import StreamConfig, StreamV2V
 
 PROG = "streamv2v.ablate"
-INTERRUPTED = 130  # what shells report for a process ended by Ctrl-C
 # The paper's rows: (label, bank kind, bank size).
 CONFIGURATIONS = (
     ("no bank", "none", None),

@@ -336,7 +336,9 @@ class PlainAttnProcessor:
         out = self.kernel(query, key, value, attn.heads)
         return _finish(attn, out, hidden_states)
 
-    def project(self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
+    def project(
+        self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if context is None and self.qkv is not None:
             return self.qkv(hidden_states)
         return _project(attn, hidden_states, context)
@@ -415,7 +417,9 @@ class CachedCrossAttnProcessor(PlainAttnProcessor):
         self.cache = cache
         self.layer = layer
 
-    def project(self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
+    def project(
+        self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (attn.to_q(hidden_states), *self.cache[self.layer])
 
 

@@ -493,11 +493,16 @@ class FeatureBank:
         seeded with the seed (their VAE sampling uses a generator of its own). On the CPU their
         init noise came from that same global generator first, so a CPU stream copies its own
         generator's state into the bank after drawing that noise (``StreamV2V._start``). A bank
-        that already has a generator for this device (restored, or continuing a stream) keeps
-        it, so a continued stream draws the partitions it would have drawn uninterrupted.
+        that holds frames and has a generator for this device (restored, or continuing a
+        stream) keeps it, so a continued stream draws the partitions it would have drawn
+        uninterrupted; an empty one (new, or reset) takes the new seed.
         """
         device = torch.device(device)
-        if self.generator is not None and self.generator.device.type == device.type:
+        if (
+            self.steps > 0
+            and self.generator is not None
+            and self.generator.device.type == device.type
+        ):
             return
         self.seed = seed
         self.generator = torch.Generator(device=device)
@@ -810,12 +815,26 @@ class FeatureBank:
         self.seed = int(meta["seed"]) if meta.get("seed") else None
         device = meta.get("generator_device") or ""
         if device and "generator_state" in tensors:
-            self.generator = torch.Generator(device=device)
-            self.generator.set_state(tensors["generator_state"])
+            try:
+                generator = torch.Generator(device=device)
+            except RuntimeError:  # saved on a GPU this machine lacks: ``bind`` seeds one here
+                pass
+            else:
+                generator.set_state(tensors["generator_state"])
+                self.generator = generator
         self._updating = False
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FeatureBank:
-        """Move the stored tokens (after loading a file, to the stream's device and dtype)."""
+        """Move the stored tokens (after loading a file, to the stream's device and dtype).
+
+        A random state cannot move between kinds of device (nor be restored where its GPU is
+        missing): on another kind the partitions are drawn afresh from the seed.
+        """
+        target = torch.device(device)
+        if self.generator is None or self.generator.device.type != target.type:
+            self.generator = None
+            if self.seed is not None:
+                self.bind(target, self.seed)
         self._replace_layers(
             {
                 name: LayerEntries(

@@ -31,6 +31,7 @@ import torch
 from . import attention
 from .bank import BANK_KINDS, BankConfig
 from .errors import StreamV2VError
+from .frames import MAX_SIDE
 from .loading import (
     SHIPPED_SD15_DIR,
     StreamModel,
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         for accel in accels:
             if accel not in ACCEL_MODES:
                 raise StreamV2VError(f"--accel: {accel!r} is not one of {', '.join(ACCEL_MODES)}")
+        if not args.sizes or any(not 8 <= size <= MAX_SIDE for size in args.sizes):
+            raise StreamV2VError(f"--sizes: give sizes of 8 to {MAX_SIDE} pixels, e.g. 512,768")
         if args.frames < 1 or args.warmup < 0 or args.profile < 0:
             raise StreamV2VError("--frames must be >= 1, --warmup and --profile >= 0")
         device = resolve_device(args.device)

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from .errors import StreamV2VError
 
 LATENT_FACTOR = 8  # the VAE downsamples by 8: processing sizes are multiples of it
+# The largest value a float frame may hold: 0..1 with room for the overshoot of a sharpening
+# or bicubic resize upstream.
+FLOAT_MAX = 1.5
 
 
 def to_rgb(frame: np.ndarray | torch.Tensor, what: str = "frame") -> torch.Tensor:
@@ -40,6 +43,13 @@ def to_rgb(frame: np.ndarray | torch.Tensor, what: str = "frame") -> torch.Tenso
         frame = frame.to(torch.float32) / 255.0
     elif frame.is_floating_point():
         frame = frame.to(torch.float32)
+        # 0..255 floats (OpenCV or PIL through numpy) would come out a white blur. Checked on
+        # the CPU only, where reading a value back costs no wait for a GPU.
+        if frame.device.type == "cpu" and (peak := float(frame.max())) > FLOAT_MAX:
+            raise StreamV2VError(
+                f"{what} is a float image with values up to {peak:.4g}: float frames are 0..1, "
+                "so divide 0..255 values by 255 (or pass uint8)"
+            )
     else:
         raise StreamV2VError(f"{what} has dtype {frame.dtype}: use uint8 (0..255) or float (0..1)")
     if frame.shape[-1] == 1:

@@ -108,16 +108,23 @@ class PatchedModel:
 
 
 class ModelCache:
-    """The one loaded model (SD1.5 weights are 2-4 GB: keeping several helps nobody)."""
+    """The one loaded model (SD1.5 weights are 2-4 GB: keeping several helps nobody).
 
-    def __init__(self) -> None:
+    ``let_go`` makes whatever else holds the loaded model (the sessions' streams) drop it
+    before other weights load, so two models never sit in memory together.
+    """
+
+    def __init__(self, let_go: Callable[[], None] | None = None) -> None:
         self._spec: ModelSpec | None = None
         self._model: StreamModel | None = None
         self._lock = threading.Lock()
+        self._let_go = let_go
 
     def get(self, spec: ModelSpec) -> StreamModel:
         with self._lock:
             if self._spec != spec or self._model is None:
+                if self._model is not None and self._let_go is not None:
+                    self._let_go()
                 self._model = None  # release the old weights before loading new ones
                 self._model = spec.load()
                 self._spec = spec
@@ -263,7 +270,8 @@ class Session:
                 self.layout,
                 self.mode,
                 self.released,
-                self.stream and self.stream.checkpoint(),
+                # a released stream's bank is kept and refilled by the next stream: save it alone
+                self.stream.checkpoint() if self.stream else self.bank and self.bank.snapshot(),
             )
             self.notes = []
             try:
@@ -288,6 +296,8 @@ class Session:
                 self.bank, self.stream, self.key, self.layout, self.mode, self.released = state
                 if self.stream is not None:
                     self.stream.rollback(checkpoint)
+                elif self.bank is not None:
+                    self.bank.restore(checkpoint)
                 if isinstance(exc, torch.cuda.OutOfMemoryError):
                     h, w = size
                     raise StreamV2VError(

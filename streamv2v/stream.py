@@ -261,6 +261,10 @@ class StreamV2V:
         self.negative_prompt = ""
         self.set_prompt(prompt, negative_prompt)
         self._reset_stream()
+        self._new_fast_step()
+
+    def _new_fast_step(self) -> None:
+        """A fresh fast step for a new video: its buffers take the shapes of its first frames."""
         self._fast = StaticStep(self, self.accel) if self.accel != "off" else None
 
     def status(self, text: str) -> None:
@@ -530,7 +534,7 @@ class StreamV2V:
             self._last_input = x
             if self._filter is not None and self._filter.should_skip(x):
                 source = self._last_processed
-                if source in self._tags:
+                if source in self._tags[:-1]:  # still in the batch (the last slot is done)
                     self._aliases.setdefault(source, []).append(index)
                     return []
                 return [(index, self._last_output)]
@@ -561,7 +565,8 @@ class StreamV2V:
     def checkpoint(self) -> tuple:
         """The stream's state (bank included), to ``rollback`` to after a failed run.
 
-        Cheap: tensors are replaced between frames, never modified, so references suffice.
+        Cheap: most tensors are replaced between frames, never modified, so references
+        suffice; the few the fast path rewrites in place are cloned.
         """
         filter_state = None
         if self._filter is not None:
@@ -609,6 +614,7 @@ class StreamV2V:
                 torch.Generator().manual_seed(self.config.seed + 1),
             )
         self._reset_stream()
+        self._new_fast_step()
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -655,6 +661,7 @@ class StreamV2V:
         self.bank.to(self.device, self.dtype)
         self._check_bank_layers(self.bank_layers)
         self._reset_stream()
+        self._new_fast_step()
 
         def get(name: str) -> torch.Tensor:
             return tensors[f"stream/{name}"].to(self.device, self.dtype)

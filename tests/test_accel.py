@@ -314,6 +314,19 @@ def test_releasing_the_model_frees_its_gpu_memory(tiny_model_taesd, accel):
     assert max(left[1:]) <= left[0] + 2**20, [f"{b / 2**20:.1f} MiB" for b in left]
 
 
+@pytest.mark.parametrize("accel", ACCELS)
+def test_a_reset_fast_stream_takes_frames_of_another_size(tiny_model_taesd, accel):
+    model = on_device(tiny_model_taesd, accel)
+    stream = StreamV2V(model, StreamConfig(), BANKS["dyme"], prompt="ink", accel=accel)
+    list(stream.process(video(10)))
+    stream.reset()
+    other = video(10, width=48, height=40)
+    got = list(stream.process(other))
+    want, _ = run(model, "off", BANKS["dyme"], other, prompt="ink")
+    assert got[0].shape == (40, 48, 3)
+    assert_frames_close(got, want, accel)
+
+
 def test_a_saved_fast_stream_continues_exactly(tiny_model_taesd, tmp_path):
     frames = video(14)
     a = StreamV2V(tiny_model_taesd, StreamConfig(), BANKS["dyme"], prompt="ink", accel="static")

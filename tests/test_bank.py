@@ -309,6 +309,25 @@ def test_bank_save_load_round_trip(tmp_path):
         FeatureBank.load(tmp_path / "missing.safetensors")
 
 
+def test_a_bank_saved_on_a_gpu_loads_and_continues_on_a_cpu(tmp_path):
+    """A GPU's random state (16 bytes of Philox seed and offset) cannot drive a CPU's draws:
+    loaded where there is no GPU, or moved to the CPU, the bank draws afresh from its seed."""
+    from safetensors.torch import save_file
+
+    bank = FeatureBank(BankConfig(kind="dyme", interval=1))
+    bank.bind(torch.device("cpu"), seed=3)
+    drive(bank, frames_of(3))
+    tensors, meta = bank.state_dict()
+    tensors["generator_state"] = torch.zeros(16, dtype=torch.uint8)
+    save_file(tensors, str(tmp_path / "gpu.safetensors"), {**meta, "generator_device": "cuda"})
+    restored = FeatureBank.load(tmp_path / "gpu.safetensors").to("cpu")
+    assert restored.stats() == bank.stats()
+    fresh = torch.Generator().manual_seed(3)
+    assert restored.generator.device.type == "cpu"
+    assert torch.equal(restored.generator.get_state(), fresh.get_state())
+    drive(restored, frames_of(4)[1:])  # continues, drawing on the CPU
+
+
 def test_bank_rejects_tokens_of_another_shape():
     bank = FeatureBank(BankConfig(kind="queue", interval=1))
     layer = "mid_block.attn1"
@@ -326,6 +345,26 @@ def test_reset_empties_and_reseeds():
     bank.reset()
     assert bank.stats()["layers"] == 0 and bank.frames_absorbed == 0 and bank.nbytes() == 0
     assert torch.equal(drive(bank, frames_of(3)).keys, first)
+
+
+def test_an_empty_bank_takes_the_new_seed_a_filled_one_keeps_its_draws():
+    """Reset bank, then another seed: the partitions come from the new seed, as in a new
+    session (on a GPU nothing else re-seeds the bank's generator)."""
+    cpu = torch.device("cpu")
+    fresh = FeatureBank(BankConfig(kind="dyme", interval=1))
+    fresh.bind(cpu, seed=5)
+    want = drive(fresh, frames_of(3)).keys.clone()
+
+    bank = FeatureBank(BankConfig(kind="dyme", interval=1))
+    bank.bind(cpu, seed=3)
+    drive(bank, frames_of(3))
+    state = bank.generator.get_state()
+    bank.bind(cpu, seed=5)  # a continued stream keeps drawing where it was
+    assert bank.seed == 3 and torch.equal(bank.generator.get_state(), state)
+    bank.reset()
+    bank.bind(cpu, seed=5)
+    assert bank.seed == 5
+    assert torch.equal(drive(bank, frames_of(3)).keys, want)
 
 
 def test_attention_kernel_prefers_working_xformers(monkeypatch):

@@ -74,6 +74,8 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "turbo" in capsys.readouterr().err
     assert main(["--profile", "-1", "--device", "cpu"]) == 1
     assert "--profile" in capsys.readouterr().err
+    assert main(["--sizes=-8", "--device", "cpu"]) == 1
+    assert "--sizes: give sizes of 8 to 4096 pixels" in capsys.readouterr().err
     assert main(["--vae", "x", "--device", "cpu"]) == 1
     assert "--vae only acts with --model" in capsys.readouterr().err
 

@@ -5,11 +5,13 @@ ComfyUI is stood in for by the three modules the nodes import (``folder_paths``,
 loaded the way ComfyUI loads it (a package under a mangled name, relative imports only).
 """
 
+import gc
 import importlib.util
 import json
 import os
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -309,6 +311,24 @@ def test_interrupt_stops_within_a_frame_and_keeps_the_bank(comfy):
     torch.testing.assert_close(resumed, whole[4:])  # as if the interrupted run never happened
 
 
+def test_an_interrupted_run_after_a_release_keeps_the_bank_as_it_was(comfy):
+    """Released, the stream is gone but its bank is kept: the run that makes the new stream
+    refills that bank, and an interrupt puts it back."""
+    model = load(comfy)
+    handle, _ = bank(comfy, name="released-interrupt")
+    sample(comfy, model, handle, video(4))
+    session = comfy.state_module.SESSIONS.get("released-interrupt")
+    comfy.state_module.release_models()
+    before = session.stats()
+    keys = {name: e.keys.clone() for name, e in session.bank.layers.items()}
+    comfy.state.checks, comfy.state.interrupt_after = 0, 2
+    with pytest.raises(Interrupted):
+        sample(comfy, model, handle, video(6, seed=1))
+    comfy.state.interrupt_after = None
+    assert session.stats() == before
+    assert all(torch.equal(session.bank.layers[name].keys, k) for name, k in keys.items())
+
+
 def test_bad_inputs_name_themselves(comfy):
     StreamV2VError = comfy.engine("errors").StreamV2VError
 
@@ -477,6 +497,30 @@ def test_out_of_memory_becomes_a_clear_message(comfy, monkeypatch):
     monkeypatch.setattr(StreamV2V, "_step", too_big)
     with pytest.raises(StreamV2VError, match="32x24 frames .* do not fit in GPU memory"):
         sample(comfy, model, handle, video(2))
+
+
+def test_loading_another_model_lets_go_of_the_old_one_first(comfy):
+    """The streams hold the model they run; before other weights load (a LoRA added, another
+    VAE) they let go of it, so two models never sit in memory together."""
+    model = load(comfy)
+    handle, _ = bank(comfy, name="old-model")
+    sample(comfy, model, handle, video(2))
+    old = weakref.ref(comfy.state_module.MODELS.get(model.spec))
+    loads = []
+    spec_type = comfy.engine("session").ModelSpec
+    original = spec_type.load
+
+    def load_spec(spec):
+        gc.collect()
+        loads.append(old() is None)  # gone before the new weights load
+        return original(spec)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spec_type, "load", load_spec)
+        load(comfy, dtype="fp32")
+    assert loads == [True]
+    _, text = sample(comfy, model, handle, video(2))  # that stream reloads its model
+    assert "the model was released: new stream, bank kept" in text
 
 
 @pytest.fixture

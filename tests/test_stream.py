@@ -114,9 +114,10 @@ def test_dyme_partitions_come_from_the_seed(tiny_model_taesd):
         list(stream.process(frames))
         return stream.bank
 
-    a, b = bank_after(3), bank_after(3)
+    a, b, c = bank_after(3), bank_after(3), bank_after(4)
     for name in a.layers:
         assert torch.equal(a.layers[name].keys[0], b.layers[name].keys[0])
+    assert any(not torch.equal(a.layers[n].keys[0], c.layers[n].keys[0]) for n in a.layers)
 
 
 def test_bank_changes_output_and_each_part_acts(tiny_model_taesd):
@@ -178,7 +179,10 @@ def test_bank_memory_is_constant_over_hundreds_of_frames(tiny_model_taesd):
     queue = StreamV2V(
         tiny_model_taesd, StreamConfig(steps=1, strength=0.4), BankConfig("queue", 3, 1), "x"
     )
-    sizes = [queue.bank.nbytes() for _ in range(12) if queue.push(frame) is not None]
+    sizes = []
+    for _ in range(12):
+        queue.push(frame)
+        sizes.append(queue.bank.nbytes())
     assert sizes[-1] == sizes[2] == 3 * sizes[0] // 2  # priming fills 2, then FIFO of 3 holds
 
 
@@ -242,6 +246,9 @@ def test_bad_frames_give_clear_errors(tiny_model_taesd):
         stream.push(torch.rand(24, 32, 2))
     with pytest.raises(StreamV2VError, match="dtype"):
         stream.push(np.zeros((24, 32, 3), dtype=np.int64))
+    with pytest.raises(StreamV2VError, match="values up to 255: float frames are 0..1"):
+        stream.push(video(1)[0].numpy() * 0 + np.float32(255))
+    stream.push(video(1)[0] * 1.02)  # a resize's overshoot is fine
 
 
 @pytest.mark.parametrize(
@@ -300,10 +307,12 @@ def test_residual_cfg_types_run_and_act(tiny_model_taesd, cfg_type):
     assert not torch.allclose(out, base)
 
 
-def test_similar_frame_filter_skips_static_frames(tiny_model_taesd):
+@pytest.mark.parametrize("steps", [1, 4])
+def test_similar_frame_filter_skips_static_frames(tiny_model_taesd, steps):
     still = video(1)[0]
     frames = [still] * 20 + video(3, seed=5)
-    stream = StreamV2V(tiny_model_taesd, StreamConfig(similar_filter=0.9, max_skip=4), prompt="x")
+    config = StreamConfig(steps=steps, similar_filter=0.9, max_skip=4)
+    stream = StreamV2V(tiny_model_taesd, config, prompt="x")
     calls = []
     original = stream._step
     stream._step = lambda x, tag: calls.append(tag) or original(x, tag)
