@@ -408,10 +408,16 @@ class StaticStep:
         s.status(why)
 
     def _drop_stale_graphs(self) -> None:
-        """Forget graphs captured before the bank's tensors were replaced or its mode changed."""
+        """Forget graphs captured before the bank's tensors were replaced or its mode changed.
+
+        Their memory pool goes with them: PyTorch frees a pool once no graph uses it, and
+        capturing into a freed pool's handle fails its allocator's internal check (seen on an
+        H100 when a stream's first graphs were dropped by a bank reset and captured again).
+        """
         bank = self.stream.bank
         if bank.generation != self.generation:
             self.graphs.clear()
+            self._pool = None
             self.generation = bank.generation
 
 

@@ -314,6 +314,21 @@ def test_releasing_the_model_frees_its_gpu_memory(tiny_model_taesd, accel):
     assert max(left[1:]) <= left[0] + 2**20, [f"{b / 2**20:.1f} MiB" for b in left]
 
 
+@GPU
+def test_a_reset_bank_takes_the_new_seed_on_a_gpu(tiny_model_taesd):
+    """Reset bank, then another seed: the same frames as a new stream of that seed (on a GPU
+    nothing but the bank seeds the bank's generator: the CPU's path copies the stream's)."""
+    model = on_device(tiny_model_taesd, "graphs")
+    frames = video(10)
+    bank = FeatureBank(BANKS["dyme"])
+    list(StreamV2V(model, StreamConfig(seed=3), bank, "ink", accel="off").process(frames))
+    bank.reset()
+    got = list(StreamV2V(model, StreamConfig(seed=5), bank, "ink", accel="off").process(frames))
+    want, _ = run(model, "off", BANKS["dyme"], frames, StreamConfig(seed=5), prompt="ink")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("accel", ACCELS)
 def test_a_reset_fast_stream_takes_frames_of_another_size(tiny_model_taesd, accel):
     model = on_device(tiny_model_taesd, accel)
