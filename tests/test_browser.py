@@ -70,6 +70,8 @@ OUR_NODES = (LOADER, "StreamV2VPatchAttention", BANK, SAMPLER)
 STATUS, RESET = "streamv2v_status", "Reset bank"
 MISSING_MODELS_SETTING = "Comfy.Workflow.ShowMissingModelsWarning"
 NODES_2_0_SETTING = "Comfy.VueNodes.Enabled"  # "Modern Node Design (Nodes 2.0)"
+SIDE_PANEL_SETTING = "Comfy.RightSidePanel.IsOpen"  # the selected node's widgets again (not 1.27)
+SIDE_PANEL = '[data-testid="properties-panel"]'
 # Where the frontend lists missing models: a dialog (1.27) or, behind "View details", a panel.
 MISSING_MODELS_DIALOG = '[aria-labelledby="global-missing-models-warning"]'
 MISSING_MODEL_DOWNLOAD = '[data-testid="missing-model-download"]'
@@ -290,15 +292,51 @@ def saved_value_count(info: dict[str, Any]) -> int:
     return sum(1 + extra_widget_values(*spec) for spec in widget_inputs(info))
 
 
-def test_extension_loads_without_errors(page: Page) -> None:
+def frontend_imports() -> list[str]:
+    """The frontend modules the extension imports, as the server path ("scripts/app.js")."""
+    source = (ROOT / "web" / "streamv2v.js").read_text("utf-8")
+    return re.findall(r'^import .* from "\.\./\.\./([^"]+)";', source, re.MULTILINE)
+
+
+def test_extension_loads_without_errors(page: Page, server) -> None:
     assert page.extension_status == [200]
     assert "StreamV2V.Nodes" in page.js("() => app.extensions.map((e) => e.name)")
     page.js(f"() => {{ app.graph.add(LiteGraph.createNode('{BANK}')); }}")
     widgets = page.js(f"() => t.node('{BANK}').widgets.map((w) => [w.name, w.type])")
     assert [name for name, _ in widgets][-2:] == [RESET, STATUS]
+    box = page.page.evaluate_handle(f"() => t.statusBox('{BANK}')").as_element()
+    assert box.evaluate("(e) => e.tagName") == "TEXTAREA"  # multiline
+    assert not box.is_editable()  # shown, not typed into
+    assert box.get_attribute("aria-label") == "status"
+    assert page.js(f"() => t.widget('{BANK}', '{STATUS}').label") == "status"
     assert page.ours() == []
     # Newer frontends warn when a widget's element is read by its old name.
     assert not [w for w in page.warnings if "inputEl" in w], page.warnings
+    # ...and when an extension imports a module of theirs that is not public API (1.58:
+    # '"scripts/widgets.js" is an internal module, not part of the public API'), which a
+    # later frontend may drop, and the extension with it. The public ones load silently.
+    imported = frontend_imports()
+    assert "scripts/app.js" in imported, imported
+    assert not [w for w in page.warnings if any(f'"{m}"' in w for m in imported)], page.warnings
+    for module in imported:
+        status, shim = server.request("GET", f"/{module}")
+        assert status == 200 and b"console.warn" not in shim, (module, shim[:300])
+
+
+def test_wheel_over_the_status_box_moves_the_canvas(page: Page) -> None:
+    """As over ComfyUI's own text boxes, though the box lies over the canvas, not in it."""
+    page.js(
+        "(type) => { const node = LiteGraph.createNode(type); node.pos = [300, 200]; "
+        "app.graph.add(node); }",
+        BANK,
+    )
+    box = page.page.evaluate_handle(f"() => t.statusBox('{BANK}')").as_element()
+    box.wait_for_element_state("visible")
+    view = "() => JSON.stringify([app.canvas.ds.scale, ...app.canvas.ds.offset])"
+    before = page.js(view)
+    box.hover()
+    page.page.mouse.wheel(0, 300)
+    page.page.wait_for_function(f"(before) => ({view})() !== before", arg=before)
 
 
 def test_webcam_stream_grows_the_bank_and_reset_empties_it(page: Page, server) -> None:
@@ -427,6 +465,37 @@ def test_template_offers_its_missing_models_for_download(browser: Any, server) -
         "checkpoints / DreamShaper_8_pruned.safetensors",
         "loras / lcm-lora-sdv1-5.safetensors",
     }
+
+
+def test_side_panel_leaves_the_status_box_on_its_node(browser: Any, server) -> None:
+    """Newer frontends list the selected node's widgets in a side panel too. The one status box
+    cannot be in both places: drawn in the panel as well, it took the panel's width on the node."""
+    with tab_with(browser, server, SIDE_PANEL_SETTING) as tab:
+        tab.js(
+            "(type) => { const node = LiteGraph.createNode(type); node.pos = [300, 200]; "
+            "app.graph.add(node); app.canvas.selectNode(node); }",
+            BANK,
+        )
+        panel = tab.page.locator(SIDE_PANEL)
+        try:
+            panel.get_by_role("button", name=RESET, exact=True).wait_for(timeout=5000)
+        except sync_api.TimeoutError:
+            pytest.skip("this frontend has no side panel for a node's widgets (1.27)")
+        tab.js("() => app.canvas.draw(true, true)")  # the box follows its widget on a redraw
+        tab.page.wait_for_timeout(500)
+        box, node = tab.js(
+            """(type) => {
+              const node = t.node(type), { ds } = app.canvas;
+              const [x] = ds.convertOffsetToCanvas(node.pos);
+              const left = app.canvas.canvas.getBoundingClientRect().left + x;
+              const box = t.statusBox(type).getBoundingClientRect();
+              return [[box.left, box.right], [left, left + node.size[0] * ds.scale]];
+            }""",
+            BANK,
+        )
+        assert node[0] <= box[0] < box[1] <= node[1], (box, node)
+        assert tab.shown(BANK) == ""
+        assert tab.ours() == []
 
 
 def test_nodes_2_0_show_the_status_and_the_reset_button(browser: Any, server) -> None:

@@ -7,7 +7,6 @@
 // one run behind.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const STATUS = "streamv2v_status";
 const BANK = "StreamV2VFeatureBank";
@@ -20,16 +19,31 @@ const SHOWS_STATUS = new Set([
 
 function addStatus(node) {
   // A multiline text box, as ComfyUI draws prompts: a disabled one-line widget would hide its
-  // value, and a one-line one would cut the status off.
-  const { widget } = ComfyWidgets.STRING(node, STATUS, ["STRING", { multiline: true }], app);
-  const box = widget.element; // its old name, inputEl, warns as deprecated in newer frontends
+  // value, and a one-line one would cut the status off. Built here for node.addDOMWidget, the
+  // public API, rather than by ComfyWidgets.STRING: scripts/widgets.js is internal (1.58 warns
+  // on import) and may go. Nodes 2.0 has no control of its own for this widget type, so it shows
+  // this very element; for "customtext" it would draw a box of its own that later values miss.
+  const box = document.createElement("textarea");
+  box.className = "comfy-multiline-input"; // the look of the frontend's own prompt boxes
   box.readOnly = true;
-  widget.options.read_only = true; // what Nodes 2.0 draws its own text box from
-  widget.label = "status";
+  box.rows = 4; // Nodes 2.0 sizes the box by its rows (the canvas sizes it itself)
   box.placeholder = "status: shown after a run";
+  box.setAttribute("aria-label", "status"); // named, though no label is drawn beside it
   box.style.opacity = 0.7;
+  // The wheel over it moves the canvas, as over the frontend's own text boxes, unless it scrolls.
+  box.addEventListener("wheel", (event) => {
+    if (event.ctrlKey || box.scrollHeight <= box.clientHeight) app.canvas.processMouseWheel(event);
+  });
+  const widget = node.addDOMWidget(STATUS, "streamv2v_status", box, {
+    getValue: () => box.value,
+    setValue: (text) => {
+      box.value = text ?? "";
+    },
+    serialize: false, // not an input of the queued prompt
+    hideInPanel: true, // newer frontends' side panel would only pull the element off the node
+  });
+  widget.label = "status";
   widget.serialize = false; // not in the saved widgets_values: saved workflows stay loadable
-  widget.options.serialize = false; // not an input of the queued prompt
 }
 
 function showStatus(node, text) {
