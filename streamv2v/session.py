@@ -9,6 +9,7 @@ keeps them at module level, where they survive its caches being cleared).
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
@@ -123,9 +124,11 @@ class ModelCache:
     def get(self, spec: ModelSpec) -> StreamModel:
         with self._lock:
             if self._spec != spec or self._model is None:
-                if self._model is not None and self._let_go is not None:
-                    self._let_go()
-                self._model = None  # release the old weights before loading new ones
+                if self._model is not None:  # release the old weights before loading new ones
+                    if self._let_go is not None:
+                        self._let_go()
+                    self._model = None
+                    _free_memory()
                 self._model = spec.load()
                 self._spec = spec
             return self._model
@@ -144,9 +147,17 @@ class ModelCache:
         with self._lock:
             had = self._model is not None
             self._model, self._spec = None, None
-        if had and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if had:
+            _free_memory()
         return had
+
+
+def _free_memory() -> None:
+    """Free a model let go of now, not at the next garbage collection: a stream and its fast
+    step refer to each other, so only a collection frees the model they hold."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 FrameCallback = Callable[[int, int, torch.Tensor | None], None]

@@ -287,6 +287,34 @@ def test_one_compiled_graph_serves_frames_that_update_the_bank_and_frames_that_d
     torch._dynamo.reset()
 
 
+def test_a_model_let_go_is_freed_at_once(tiny_model_taesd, monkeypatch):
+    """A stream and its fast step refer to each other: without a collection the model they
+    hold would stay in memory after a release, and while the next model loads."""
+    sessions = session_module.SessionRegistry()
+    cache = session_module.ModelCache(let_go=sessions.drop_streams)
+    spec = session_module.ModelSpec("tiny")
+
+    def streaming() -> weakref.ref:
+        cache.adopt(spec, copy.deepcopy(tiny_model_taesd))
+        frames = video(6)
+        sessions.get("kept").run(
+            cache.get(spec), StreamConfig(), BANKS["dyme"], "a cat", "", frames, accel="static"
+        )
+        assert sessions.find("kept").stream._fast is not None
+        return weakref.ref(cache.get(spec).pipe.unet)
+
+    unet = streaming()
+    sessions.drop_streams()  # Free Memory, Unload Models
+    cache.clear()
+    assert unet() is None
+
+    unet = streaming()
+    freed = []
+    monkeypatch.setattr(session_module.ModelSpec, "load", lambda _: freed.append(unet() is None))
+    cache.get(session_module.ModelSpec("other"))  # another model: a LoRA added, another VAE
+    assert freed == [True]
+
+
 @GPU
 @pytest.mark.parametrize("accel", ["graphs", "compile"])
 def test_releasing_the_model_frees_its_gpu_memory(tiny_model_taesd, accel):
