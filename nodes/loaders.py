@@ -10,6 +10,27 @@ from .state import MODELS
 
 MODEL = "STREAMV2V_MODEL"
 DTYPES = ["auto", "fp16", "bf16", "fp32"]
+LOAD_LORA = "StreamV2VLoadLoRA"
+HIDDEN = {"unique_id": "UNIQUE_ID", "graph": "PROMPT"}
+
+
+def feeds_only_loras(graph: dict | None, node_id: str | None) -> bool:
+    """Whether every node of the queued workflow (``graph``, ComfyUI's API prompt) that takes
+    this node's model is a Load LoRA. Loaders load eagerly, so a bad file is named on the
+    node that holds it; in a LoRA chain only its last node does, or the first run would load
+    the base model once for each link of the chain."""
+    if not isinstance(graph, dict) or node_id is None:
+        return False
+    consumers = [
+        node.get("class_type")
+        for node in graph.values()
+        if isinstance(node, dict)
+        and any(
+            isinstance(value, list) and len(value) == 2 and str(value[0]) == str(node_id)
+            for value in node.get("inputs", {}).values()
+        )
+    ]
+    return bool(consumers) and all(kind == LOAD_LORA for kind in consumers)
 
 
 class StreamV2VLoadModel:
@@ -62,13 +83,22 @@ class StreamV2VLoadModel:
                     DTYPES,
                     {"tooltip": "Precision; auto is fp16 on a GPU and fp32 on the CPU."},
                 ),
-            }
+            },
+            "hidden": HIDDEN,
         }
 
     def load(
-        self, model: str, lcm_lora: str, lcm_lora_strength: float, vae: str, dtype: str
+        self,
+        model: str,
+        lcm_lora: str,
+        lcm_lora_strength: float,
+        vae: str,
+        dtype: str,
+        unique_id: str | None = None,
+        graph: dict | None = None,
     ) -> tuple[PatchedModel]:
         from ..streamv2v.errors import StreamV2VError
+        from ..streamv2v.loading import LoraSpec, check_lora_file
 
         if lcm_lora == "none" and lcm_lora_strength != 1.0:
             raise StreamV2VError(
@@ -82,7 +112,10 @@ class StreamV2VLoadModel:
             dtype=None if dtype == "auto" else dtype,
             device=comfy.device(),
         )
-        MODELS.get(spec)  # load now, so a bad file is reported on this node
+        if not feeds_only_loras(graph, unique_id):
+            MODELS.get(spec)  # load now, so a bad file is reported on this node
+        elif spec.lcm_lora is not None:  # the chain's last Load LoRA loads it all
+            check_lora_file(LoraSpec(spec.lcm_lora, lcm_lora_strength), "LCM-LoRA")
         return (PatchedModel(spec),)
 
 
@@ -92,7 +125,9 @@ class StreamV2VLoadLoRA:
     FUNCTION = "apply"
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The model with this LoRA fused in (loaded when the sampler runs).",)
+    OUTPUT_TOOLTIPS = (
+        "The model with this LoRA fused in (loaded by the last Load LoRA of a chain).",
+    )
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -113,15 +148,26 @@ class StreamV2VLoadLoRA:
                         "tooltip": "LoRA weight; negative values push away from its style.",
                     },
                 ),
-            }
+            },
+            "hidden": HIDDEN,
         }
 
-    def apply(self, model: PatchedModel, lora_name: str, strength: float) -> tuple[PatchedModel]:
+    def apply(
+        self,
+        model: PatchedModel,
+        lora_name: str,
+        strength: float,
+        unique_id: str | None = None,
+        graph: dict | None = None,
+    ) -> tuple[PatchedModel]:
         from ..streamv2v.loading import LoraSpec, check_lora_file
 
         lora = LoraSpec(comfy.resolve_lora(lora_name), strength)
         check_lora_file(lora)  # a wrong file is named on this node, not on the sampler
-        return (replace(model, spec=model.spec.with_lora(lora.path, strength)),)
+        styled = replace(model, spec=model.spec.with_lora(lora.path, strength))
+        if not feeds_only_loras(graph, unique_id):
+            MODELS.get(styled.spec)  # the model with the whole chain, once; errors shown here
+        return (styled,)
 
 
 class StreamV2VPatchAttention:

@@ -231,6 +231,49 @@ def test_loader_loads_once_and_patches_never_mutate(comfy):
     assert model.spec.loras == () and lora.spec.loras[0].weight == 0.7
 
 
+def test_a_lora_chain_loads_the_model_once_at_its_end(comfy, monkeypatch):
+    """The first run of loader -> Load LoRA -> Load LoRA -> sampler loads one model (the
+    whole chain), not the base model first; a loader that also feeds another node loads."""
+    session = comfy.engine("session")
+    loads = []
+    real_load = session.ModelSpec.load
+    monkeypatch.setattr(
+        session.ModelSpec, "load", lambda spec: loads.append(spec) or real_load(spec)
+    )
+    comfy.state_module.MODELS.clear()
+    graph = {
+        "1": {"class_type": "StreamV2VLoadModel", "inputs": {"model": "diffusers/tiny-lcm"}},
+        "2": {"class_type": "StreamV2VLoadLoRA", "inputs": {"model": ["1", 0]}},
+        "3": {"class_type": "StreamV2VLoadLoRA", "inputs": {"model": ["2", 0]}},
+        "4": {"class_type": "StreamV2VSampler", "inputs": {"model": ["3", 0], "bank": ["5", 0]}},
+    }
+    lora = comfy.nodes["StreamV2VLoadLoRA"]()
+    base = load(comfy, lcm_lora="lcm-lora-tiny.safetensors", unique_id="1", graph=graph)
+    first = lora.apply(base, "style.safetensors", 0.5, unique_id="2", graph=graph)[0]
+    assert loads == [] and comfy.state_module.MODELS.loaded is None
+    both = lora.apply(first, "style.safetensors", 0.25, unique_id="3", graph=graph)[0]
+    assert loads == [both.spec] and len(both.spec.loras) == 2
+    handle, _ = bank(comfy, name="chain", each_run="start new stream")
+    sample(comfy, both, handle, video(2), unique_id="4", graph=graph)
+    assert loads == [both.spec]  # the sampler runs on the model the chain loaded
+
+    graph["6"] = {"class_type": "StreamV2VPatchAttention", "inputs": {"model": ["1", 0]}}
+    plain = load(comfy, unique_id="1", graph=graph)
+    assert loads[-1] == plain.spec
+
+
+def test_a_loader_that_skips_the_load_still_names_a_wrong_lcm_lora(comfy):
+    from safetensors.torch import save_file
+
+    graph = {"2": {"class_type": "StreamV2VLoadLoRA", "inputs": {"model": ["1", 0]}}}
+    save_file({"weight": torch.zeros(2)}, comfy.folders["loras"] / "empty.safetensors")
+    try:
+        with pytest.raises(comfy.engine("errors").StreamV2VError, match="LCM-LoRA .* no LoRA"):
+            load(comfy, lcm_lora="empty.safetensors", unique_id="1", graph=graph)
+    finally:
+        (comfy.folders["loras"] / "empty.safetensors").unlink()
+
+
 def test_batch_mode_is_the_engine_aligned_output(comfy):
     model = load(comfy)
     frames = video(20)  # more than one transfer chunk
