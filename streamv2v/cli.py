@@ -9,6 +9,7 @@ the run with one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -376,11 +377,24 @@ def run_command(
     try:
         return run(args)
     except StreamV2VError as e:
-        print(f"{prog}: error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        message = _flag_names(parser, " ".join(str(e).split()))
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: error: interrupted", file=sys.stderr, flush=True)
         return INTERRUPTED
+
+
+def _flag_names(parser: argparse.ArgumentParser, message: str) -> str:
+    """The engine names settings as its API and the nodes do (``max_skip``); on the command
+    line the fix is a flag (``--max-skip``), so each name that is one of ours becomes it."""
+    flags = set(re.findall(r"--[a-z][a-z0-9-]*", parser.format_usage()))
+
+    def flag(match: re.Match) -> str:
+        name = "--" + match[0].replace("_", "-")
+        return name if name in flags else match[0]
+
+    return re.sub(r"(?<![\w-])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?![\w-])", flag, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

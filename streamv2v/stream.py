@@ -21,13 +21,9 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
-    retrieve_latents,
-)
 
 from .accel import StaticStep, resolve_accel, time_embeddings_in_use
 from .attention import bank_processors, pick_attention_kernel
@@ -35,11 +31,15 @@ from .bank import BankConfig, FeatureBank, read_bank_file, self_attention_layers
 from .cudastreams import side_stream
 from .errors import StreamV2VError
 from .frames import MAX_SIDE, output_size, processing_size, resize, to_rgb
+from .loading import StreamModel, quiet_libraries
 from .modes import DEFAULT_ACCEL
 from .similar import SimilarFrameFilter
 
-if TYPE_CHECKING:
-    from .loading import StreamModel
+with quiet_libraries():  # the pipeline's module pulls in transformers' image processors, which
+    # warn on import where torchvision is missing (the command line without ComfyUI)
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+        retrieve_latents,
+    )
 
 CFG_TYPES = ("none", "self", "initialize", "full")
 SCHEDULER_STEPS = 50  # the LCM schedule t_index_list indexes into

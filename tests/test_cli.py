@@ -53,6 +53,24 @@ def test_module_entry_point_runs():
     assert done.returncode == 0 and "usage: streamv2v" in done.stdout
 
 
+def test_a_mistake_is_the_only_line_on_stderr(tmp_path, clip):
+    """Nothing a library prints on import (transformers warns where torchvision is missing)
+    comes before the one line that says what to fix."""
+    argv = [str(clip), str(tmp_path / "out.mp4"), "--model", NO_MODEL, "--prompt", "x"]
+    done = subprocess.run(
+        [sys.executable, "-m", "streamv2v", *argv, "--max-skip", "3"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "streamv2v: error: --max-skip only acts with the similar-frame filter: set a "
+        "--similar-filter threshold"
+    ]
+
+
 def test_missing_arguments_are_usage_errors(capsys):
     _fails(capsys, ["in.mp4"], "the following arguments are required", status=2)
 
@@ -80,7 +98,12 @@ def test_a_bad_input_fails_before_the_model_loads(tmp_path, capsys, make, messag
         (["--lora", "{lora}:strong"], "weight 'strong' is not a number", 1),
         (["--t-index-list", "30,x"], "not a comma-separated list of whole numbers", 2),
         (["--t-index-list", "40,30"], "must be strictly ascending", 1),
-        (["--t-index-list", "30,40", "--steps", "2"], "not both", 1),
+        (
+            ["--t-index-list", "30,40", "--steps", "2"],
+            "--t-index-list replaces steps and strength: give either --t-index-list or",
+            1,
+        ),
+        (["--max-skip", "3"], "--max-skip only acts with the similar-frame filter: set a --sim", 1),
         (["--guidance", "1.5"], "has no effect with cfg type 'none'", 1),
         (["--bank", "dyme", "--bank-size", "3"], "no effect with the 'dyme' bank", 1),
         (["--width", "4"], "width must be a whole number of pixels within 8..4096", 1),
