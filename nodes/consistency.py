@@ -2,53 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..streamv2v.errors import StreamV2VError
-from ..streamv2v.frames import resize
-from ..streamv2v.metrics import pixel_consistency, warp_error
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-PLOT_SIZE = (480, 160)
-
-
-def plot(per_pair: list[float], title: str) -> Image.Image:
-    """A small line chart of the error per frame pair (PIL only: no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    width, height = PLOT_SIZE
-    left, right, top, bottom = 40, 10, 22, 18
-    image = Image.new("RGB", PLOT_SIZE, (24, 24, 28))
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 4), title, fill=(230, 230, 230))
-    values = [v for v in per_pair if math.isfinite(v)]
-    top_value = max(values, default=1.0) or 1.0
-    x0, x1, y0, y1 = left, width - right, height - bottom, top
-    draw.line([(x0, y1), (x0, y0), (x1, y0)], fill=(120, 120, 130))
-    draw.text((4, y1 - 4), f"{top_value:.1f}", fill=(170, 170, 170))
-    draw.text((4, y0 - 10), "0", fill=(170, 170, 170))
-    draw.text((x1 - 60, y0 + 3), f"{len(per_pair)} pairs", fill=(170, 170, 170))
-    span = max(len(per_pair) - 1, 1)
-    points = [
-        (x0 + (x1 - x0) * i / span, y0 - (y0 - y1) * v / top_value)
-        for i, v in enumerate(per_pair)
-        if math.isfinite(v)
-    ]
-    if len(points) > 1:
-        draw.line(points, fill=(90, 200, 255), width=2)
-    elif points:
-        draw.ellipse(
-            [points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2],
-            fill=(90, 200, 255),
-        )
-    return image
+from ..streamv2v.metrics import consistency_report
 
 
 class StreamV2VTemporalConsistency:
@@ -99,20 +59,13 @@ class StreamV2VTemporalConsistency:
             raise StreamV2VError(
                 "the warp error compares consecutive frames: connect at least 2 frames"
             )
-        (_, h, w, _), (_, oh, ow, _) = input_images.shape, output_images.shape
-        resized = (h, w) != (oh, ow)
-        if resized:  # the sampler's width/height scaled the video: follow it at that size
-            input_images = resize(input_images.movedim(-1, 1), ow, oh).movedim(1, -1).clamp(0, 1)
-        note = f"; inputs resized from {w}x{h} to {ow}x{oh}" if resized else ""
-        result = warp_error(input_images, output_images, flow)
-        difference = pixel_consistency(output_images)
-        title = f"warp error {result.mean:.2f} ({result.flow_method})"
+        report = consistency_report(input_images, output_images, flow)
         name = f"streamv2v_consistency_{uuid.uuid4().hex[:12]}.png"
-        plot(result.per_pair, title).save(Path(folder_paths.get_temp_directory()) / name)
+        report.plot().save(Path(folder_paths.get_temp_directory()) / name)
         return {
             "ui": {
                 "images": [{"filename": name, "subfolder": "", "type": "temp"}],
-                "text": [f"{title}; frame-to-frame difference {difference:.2f}{note}"],
+                "text": [report.summary],
             },
-            "result": (result.mean, difference),
+            "result": (report.warp.mean, report.difference),
         }

@@ -33,13 +33,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise, zip_longest
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from .errors import StreamV2VError, one_line
-from .frames import to_rgb
+from .frames import resize, to_rgb
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 SCALE = "0..255"
 FLOW_METHODS = ("dis", "farneback", "raft")
@@ -48,6 +51,8 @@ FB_ALPHA = 0.01
 FB_BETA = 0.5
 RAFT_STRIDE = 8  # RAFT's feature maps are 1/8 of the image: sides must be multiples of 8
 RAFT_MIN_SIDE = 128  # its correlation pyramid halves 1/8-size maps thrice more
+PLOT_SIZE = (480, 160)
+LINE_COLOUR = (90, 200, 255)
 
 Frame = np.ndarray | torch.Tensor
 
@@ -397,3 +402,75 @@ def pixel_consistency(frames: Iterable[Frame]) -> float:
     if not differences:
         raise StreamV2VError("pixel consistency needs at least 2 frames: give a longer video")
     return sum(differences) / len(differences)
+
+
+@dataclass(frozen=True)
+class ConsistencyReport:
+    """A restyled clip's warp error and plain frame-to-frame change, as one report: what a
+    front end shows of a run (a line of text and a chart per frame pair)."""
+
+    warp: WarpErrorResult
+    difference: float
+    # The inputs' (width, height) when they were scaled to the outputs' size, else None.
+    resized_from: tuple[int, int] | None
+    size: tuple[int, int]
+
+    @property
+    def title(self) -> str:
+        return f"warp error {self.warp.mean:.2f} ({self.warp.flow_method})"
+
+    @property
+    def summary(self) -> str:
+        text = f"{self.title}; frame-to-frame difference {self.difference:.2f}"
+        if self.resized_from is not None:
+            (w, h), (ow, oh) = self.resized_from, self.size
+            text += f"; inputs resized from {w}x{h} to {ow}x{oh}"
+        return text
+
+    def plot(self) -> Image.Image:
+        """A small line chart of the error per frame pair (PIL only: no plotting dependency)."""
+        from PIL import Image, ImageDraw
+
+        per_pair = self.warp.per_pair
+        width, height = PLOT_SIZE
+        left, right, top, bottom = 40, 10, 22, 18
+        image = Image.new("RGB", PLOT_SIZE, (24, 24, 28))
+        draw = ImageDraw.Draw(image)
+        draw.text((left, 4), self.title, fill=(230, 230, 230))
+        values = [v for v in per_pair if math.isfinite(v)]
+        top_value = max(values, default=1.0) or 1.0
+        x0, x1, y0, y1 = left, width - right, height - bottom, top
+        draw.line([(x0, y1), (x0, y0), (x1, y0)], fill=(120, 120, 130))
+        draw.text((4, y1 - 4), f"{top_value:.1f}", fill=(170, 170, 170))
+        draw.text((4, y0 - 10), "0", fill=(170, 170, 170))
+        draw.text((x1 - 60, y0 + 3), f"{len(per_pair)} pairs", fill=(170, 170, 170))
+        span = max(len(per_pair) - 1, 1)
+        runs: list[list[tuple[float, float]]] = [[]]  # a cut (NaN) breaks the line
+        for i, v in enumerate(per_pair):
+            if not math.isfinite(v):
+                runs.append([])
+                continue
+            runs[-1].append((x0 + (x1 - x0) * i / span, y0 - (y0 - y1) * v / top_value))
+        for points in runs:
+            if len(points) > 1:
+                draw.line(points, fill=LINE_COLOUR, width=2)
+            elif points:
+                (x, y), r = points[0], 2
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=LINE_COLOUR)
+        return image
+
+
+def consistency_report(
+    inputs: torch.Tensor, outputs: torch.Tensor, flow: str = "dis"
+) -> ConsistencyReport:
+    """Warp error and frame-to-frame difference of ``outputs``, ``[N, H, W, 3]`` float 0..1
+    as ComfyUI passes images. Inputs of another size are scaled to the outputs' first: a
+    sampler's width/height scales the video, and flow must be measured where it is applied."""
+    (_, h, w, _), (_, oh, ow, _) = inputs.shape, outputs.shape
+    resized_from = None
+    if (h, w) != (oh, ow):
+        inputs = resize(inputs.movedim(-1, 1), ow, oh).movedim(1, -1).clamp(0, 1)
+        resized_from = (w, h)
+    return ConsistencyReport(
+        warp_error(inputs, outputs, flow), pixel_consistency(outputs), resized_from, (ow, oh)
+    )

@@ -1,5 +1,6 @@
 """Warp error and pixel consistency on synthetic videos whose true motion is known."""
 
+import math
 import sys
 
 import cv2
@@ -180,3 +181,21 @@ def test_raft_without_torchvision_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision now fails
     with pytest.raises(StreamV2VError, match="needs torchvision"):
         metrics.optical_flow("raft", raft_weights=weights)
+
+
+def test_consistency_report_says_what_was_measured_and_charts_each_pair():
+    cut = metrics.WarpErrorResult.from_pairs([1.0, math.nan, 3.0], "DIS")
+    report = metrics.ConsistencyReport(cut, 4.5, (64, 40), (128, 80))
+    assert report.summary == (
+        "warp error 2.00 (DIS); frame-to-frame difference 4.50; inputs resized from 64x40 to 128x80"
+    )
+    chart = np.asarray(report.plot())
+    assert chart.shape == (160, 480, 3)
+    line = (chart == metrics.LINE_COLOUR).all(axis=-1)
+    # Pairs 0 and 2 are dots at the ends; the cut between them (pair 1) is not bridged.
+    assert line[:, :50].any() and line[:, 460:].any() and not line[:, 50:460].any()
+    single = metrics.ConsistencyReport(
+        metrics.WarpErrorResult.from_pairs([2.0], "DIS"), 1, None, (8, 8)
+    )
+    assert (np.asarray(single.plot()) == metrics.LINE_COLOUR).all(axis=-1).any()
+    assert "resized" not in single.summary
