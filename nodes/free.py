@@ -107,7 +107,9 @@ def add_routes() -> None:
     from aiohttp import web
     from server import PromptServer
 
+    from ..streamv2v.bank import BANK_KINDS
     from ..streamv2v.errors import StreamV2VError
+    from ..streamv2v.session import validate_bank_name
     from .bank import describe
 
     routes = PromptServer.instance.routes
@@ -121,11 +123,27 @@ def add_routes() -> None:
             }
         )
 
+    @routes.get("/streamv2v/bank")
+    async def bank(request):
+        # What a Feature Bank node named `name` shows now, with its `kind` (optional): the
+        # frontend asks when the node's name or kind changes and when a workflow opens, since
+        # banks outlive both. A name no run has used yet reads as an empty bank.
+        kind = request.query.get("kind") or None
+        try:
+            name = validate_bank_name(request.query.get("name", ""))
+            if kind is not None and kind not in BANK_KINDS:
+                raise StreamV2VError(
+                    f"bank kind {kind!r} is unknown: use one of {', '.join(BANK_KINDS)}"
+                )
+        except StreamV2VError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"text": describe(name, kind)})
+
     @routes.post("/streamv2v/bank/reset")
     async def reset(request):
         try:
             body = await request.json()
-            name = body.get("name", "") if isinstance(body, dict) else ""
+            name = validate_bank_name(body.get("name", "") if isinstance(body, dict) else "")
             done = SESSIONS.reset(name)
         except (ValueError, StreamV2VError) as exc:
             return web.json_response({"error": str(exc)}, status=400)

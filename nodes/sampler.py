@@ -252,4 +252,6 @@ class StreamV2VSampler:
             comfy.status_text(unique_id),
         )
         text = "; ".join([describe(bank.name), *session.notes])
-        return {"ui": {"text": [text]}, "result": (outputs,)}
+        # "bank": which bank the status describes, so the frontend can show that bank's new
+        # state on this node when the bank is reset (the frontend gets every ui key)
+        return {"ui": {"text": [text], "bank": [bank.name]}, "result": (outputs,)}

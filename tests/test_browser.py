@@ -226,21 +226,37 @@ class Page:
         )
         return self.status(SAMPLER)
 
-    def click_widget(self, node_type: str, name: str) -> None:
-        """A real mouse click in the middle of a canvas widget."""
+    def click_widget(self, node_type: str, name: str, right: float | None = None) -> None:
+        """A real mouse click on a canvas widget: in its middle, or ``right`` canvas units left
+        of its right end (a combo's arrow there picks the next value)."""
         x, y = self.js(
-            """([type, name]) => {
+            """([type, name, right]) => {
               const node = t.node(type), widget = t.widget(type, name);
               const [x, y] = app.canvas.ds.convertOffsetToCanvas([
-                node.pos[0] + node.size[0] / 2,
+                node.pos[0] + (right === null ? node.size[0] / 2 : node.size[0] - right),
                 node.pos[1] + widget.y + LiteGraph.NODE_WIDGET_HEIGHT / 2,
               ]);
               const box = app.canvas.canvas.getBoundingClientRect();
               return [box.left + x, box.top + y];
             }""",
-            [node_type, name],
+            [node_type, name, right],
         )
         self.page.mouse.click(x, y)
+
+    def type_into_widget(self, node_type: str, name: str, text: str) -> None:
+        """Edit a canvas text widget as a user does: click it, type into the box the frontend
+        opens over the canvas, press Enter."""
+        self.click_widget(node_type, name)
+        field = self.page.locator(".graphdialog .value")
+        field.fill(text)
+        field.press("Enter")
+        field.wait_for(state="detached")
+
+    def wait_status(self, node_type: str, text: str) -> None:
+        """Wait until the node's status reads ``text`` (the frontend asked the server)."""
+        self.page.wait_for_function(
+            "([type, text]) => t.status(type) === text", arg=[node_type, text]
+        )
 
     def missing_models(self) -> set[str]:
         """The models the frontend offers to download, as "folder / file" (1.27's wording)."""
@@ -365,6 +381,50 @@ def test_webcam_stream_grows_the_bank_and_reset_empties_it(page: Page, server) -
     assert page.ours() == []
 
 
+def test_reset_bank_shows_the_emptied_bank_on_its_sampler(page: Page) -> None:
+    """The sampler's status begins with its bank's state: a reset makes that out of date."""
+    bank = f"browser-{uuid.uuid4().hex[:8]}"
+    page.load_template()
+    page.prepare(bank)
+    status = page.run()
+    assert absorbed(status) > 0 and frames_in(status) == 1
+
+    page.click_widget(BANK, RESET)
+    page.page.wait_for_function(f"() => !t.status('{BANK}').includes('stream:')")
+    reset = page.shown(BANK)
+    assert reset == f"bank '{bank}': empty (fills on the next run)", reset
+    assert page.shown(SAMPLER) == reset  # no longer the run's "(dyme): N updates"
+    assert page.ours() == []
+
+
+def test_renaming_the_bank_shows_the_bank_now_named(page: Page, server) -> None:
+    """The server keeps banks by name: a Feature Bank node given another name (or kind) shows
+    that bank's state at once, not the old one's until the next run."""
+    bank = f"browser-{uuid.uuid4().hex[:8]}"
+    page.load_template()
+    page.prepare(bank)
+    status = page.run()
+    held = server.get("/streamv2v/banks")[bank]["text"]
+    assert status.startswith(held) and page.shown(BANK) == held
+
+    other = f"{bank}-other"
+    page.type_into_widget(BANK, "name", other)
+    page.wait_status(BANK, f"bank '{other}': empty (fills on the next run)")
+    assert page.shown(SAMPLER) == status  # the sampler's status is its last run's
+    assert other not in server.get("/streamv2v/banks")  # looking did not make a bank
+
+    page.type_into_widget(BANK, "name", bank)  # back to the bank that holds a stream
+    page.wait_status(BANK, held)
+    page.click_widget(BANK, "kind", right=20)  # the arrow: dyme -> queue
+    page.page.wait_for_function(f"() => t.widget('{BANK}', 'kind').value === 'queue'")
+    page.click_widget(BANK, "kind", right=20)  # queue -> none: the next run uses no bank
+    none = server.get(f"/streamv2v/bank?name={bank}&kind=none")["text"]
+    assert none.startswith(f"bank '{bank}': kind none, no bank"), none
+    page.wait_status(BANK, none)
+    assert page.shown(BANK) == none
+    assert page.ours() == []
+
+
 def test_run_instant_streams_the_webcam_until_stopped(page: Page) -> None:
     """What the webcam example's Note says: choose Run (Instant) in the Run button's menu, press
     the button, and runs follow each other, a camera frame each; choosing Run stops them."""
@@ -435,12 +495,14 @@ def test_saved_workflow_leaves_out_status_and_button(page: Page, server) -> None
     page.js("async (workflow) => { await app.loadGraphData(workflow); }", saved)
     reloaded = page.js(
         f"""() => [t.widget("{BANK}", "interval").value, t.widget("{BANK}", "name").value,
-                   t.status("{BANK}"), t.widget("{SAMPLER}", "prompt").value]"""
+                   t.status("{SAMPLER}"), t.widget("{SAMPLER}", "prompt").value]"""
     )
     bank_values = values[BANK]
     assert reloaded[:2] == [bank_values[2], bank_values[3]]
     assert reloaded[2] == ""  # a fresh, empty status box, not a saved value
     assert reloaded[3] == values[SAMPLER][0]
+    # The bank outlives the page: the opened workflow's bank node shows what it holds now.
+    page.wait_status(BANK, server.get("/streamv2v/banks")[bank_values[3]]["text"])
     assert page.ours() == []
 
 
@@ -517,7 +579,7 @@ def test_nodes_2_0_show_the_status_and_the_reset_button(browser: Any, server) ->
         tab.page.wait_for_function(f"() => !t.status('{BANK}').includes('stream:')")
         reset = tab.shown_in_node(BANK)
         assert "empty" in reset, reset
-        assert tab.shown_in_node(SAMPLER) == status
+        assert tab.shown_in_node(SAMPLER) == reset  # its status began with the bank's old state
         for node_type in (BANK, SAMPLER):  # the status is shown, not an input to type into
             node_id = tab.js("(type) => t.node(type).id", node_type)
             box = tab.page.locator(f'[data-node-id="{node_id}"] textarea').last

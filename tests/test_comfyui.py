@@ -19,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -389,6 +390,45 @@ def test_webcam_stream_continues_across_runs(
     assert result.status == "error" and result.error is not None
     assert result.error["exception_type"] == "streamv2v.errors.StreamV2VError", result.error
     assert "no effect with cfg type 'none'" in result.error["exception_message"]
+
+
+def test_bank_route_shows_the_bank_a_name_and_kind_pick(
+    server: ComfyServer, object_info: dict[str, Any]
+) -> None:
+    """What the Feature Bank node asks when its name or kind changes, or a workflow opens."""
+    prompt = api_prompt("streamv2v_webcam.json", object_info, bank="test-route")
+    camera, sampler = the(prompt, "WebcamCapture"), the(prompt, "StreamV2VSampler")
+    image = server.upload(png(1), "route.png", subfolder="webcam", kind="temp")
+    prompt[camera]["inputs"]["image"] = image
+    result = server.run(prompt)
+    succeeded(result, server)
+    # The sampler names its bank, for the frontend to update it when that bank is reset.
+    assert result.outputs[sampler]["bank"] == ["test-route"]
+
+    def ask(**query: str) -> tuple[int, Any]:
+        status, body = server.request("GET", f"/streamv2v/bank?{urlencode(query)}")
+        return status, json.loads(body)
+
+    held = bank_stats(server, "test-route")["text"]
+    assert "(dyme): " in held and "stream: 1 frame in" in held, held
+    assert ask(name="test-route", kind="dyme") == (200, {"text": held})
+    assert ask(name=" test-route ") == (200, {"text": held})  # trimmed, as a run does
+    status, body = ask(name="test-route", kind="none")
+    assert status == 200
+    assert body["text"].startswith("bank 'test-route': kind none, no bank"), body
+
+    # A name no run has used: an empty bank, and asking does not make one.
+    assert ask(name="test-route-unused", kind="queue") == (
+        200,
+        {"text": "bank 'test-route-unused': empty (fills on the next run)"},
+    )
+    assert "test-route-unused" not in server.get("/streamv2v/banks")
+
+    for query in ({"name": " "}, {}, {"name": "test-route", "kind": "big"}):
+        status, body = ask(**query)
+        assert status == 400 and set(body) == {"error"}, (query, body)
+    assert "name is empty" in ask(name="")[1]["error"]
+    assert "kind 'big' is unknown" in ask(name="x", kind="big")[1]["error"]
 
 
 # -- (e) interrupt ---------------------------------------------------------------------------

@@ -4,15 +4,18 @@
 // that by itself, so it goes into a read-only text box on the node. The bank lives on the
 // server under its name, so "Reset bank" asks the server, and after each run the Feature Bank
 // nodes ask again: the bank node runs before the sampler fills the bank, so its own output is
-// one run behind.
+// one run behind. They ask too when their name or kind changes and when a workflow opens: the
+// bank named then is another one, or has changed since the workflow was saved. The server
+// writes every status (nodes/bank.py, describe()); this file only shows it.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const STATUS = "streamv2v_status";
 const BANK = "StreamV2VFeatureBank";
+const SAMPLER = "StreamV2VSampler";
 const SHOWS_STATUS = new Set([
   BANK,
-  "StreamV2VSampler",
+  SAMPLER,
   "StreamV2VFree",
   "StreamV2VTemporalConsistency",
 ]);
@@ -49,30 +52,69 @@ function addStatus(node) {
 function showStatus(node, text) {
   const widget = node.widgets?.find((w) => w.name === STATUS);
   if (!widget) return;
+  node.streamv2vAsking = null; // an answer to askBank still on its way is older than this
   widget.value = text;
   node.setDirtyCanvas?.(true, true);
 }
 
+function widgetValue(node, name) {
+  return node.widgets?.find((w) => w.name === name)?.value;
+}
+
 function bankName(node) {
-  return node.widgets?.find((w) => w.name === "name")?.value ?? "";
+  return widgetValue(node, "name") ?? "";
+}
+
+// Every node of the workflow, those inside subgraphs too (kept on the root graph by frontends
+// that have them).
+function allNodes() {
+  const graphs = [app.graph, ...(app.graph?.subgraphs?.values() ?? [])];
+  return graphs.flatMap((graph) => graph?.nodes ?? []);
 }
 
 async function resetBank(node) {
+  const name = bankName(node).trim(); // the server trims it too
   try {
     const response = await api.fetchApi("/streamv2v/bank/reset", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ name: bankName(node) }),
+      body: JSON.stringify({ name }),
     });
     const body = await response.json();
-    showStatus(node, body.error ? `reset failed: ${body.error}` : body.text);
+    if (body.error) {
+      showStatus(node, `reset failed: ${body.error}`);
+      return;
+    }
+    // Every status naming this bank is out of date now: this node's, another Feature Bank node's
+    // of that name, and a sampler's that ran on it (its status begins with the bank's state,
+    // and its run's notes went with the stream). Samplers are matched by the bank's name, as
+    // the server keeps banks: a link would miss reroutes, and bank nodes renamed since.
+    for (const other of allNodes()) {
+      const named = other.comfyClass === BANK ? bankName(other).trim() : other.streamv2vBank;
+      if (other === node || named === name) showStatus(other, body.text);
+    }
   } catch (error) {
     showStatus(node, `reset failed: ${error}`);
   }
 }
 
+// Show what the bank a Feature Bank node names now holds, as its next run will use it.
+async function askBank(node) {
+  const asking = {};
+  node.streamv2vAsking = asking;
+  const kind = widgetValue(node, "kind") ?? "";
+  const query = new URLSearchParams({ name: bankName(node), kind });
+  try {
+    const body = await (await api.fetchApi(`/streamv2v/bank?${query}`)).json();
+    // Typing a name asks at each key, and a run's status may come meanwhile: the last wins.
+    if (node.streamv2vAsking === asking) showStatus(node, body.error ?? body.text);
+  } catch (error) {
+    console.warn("StreamV2V: could not read the bank", error);
+  }
+}
+
 async function refreshBanks() {
-  const nodes = app.graph.nodes.filter((node) => node.comfyClass === BANK);
+  const nodes = allNodes().filter((node) => node.comfyClass === BANK);
   if (!nodes.length) return;
   try {
     const banks = await (await api.fetchApi("/streamv2v/banks")).json();
@@ -85,10 +127,27 @@ async function refreshBanks() {
   }
 }
 
+// Ask again when the user names another bank or picks another kind; the widget's own callback
+// (the frontend's, or another extension's) still runs first.
+function askOnChange(node, name) {
+  const widget = node.widgets?.find((w) => w.name === name);
+  if (!widget) return;
+  const callback = widget.callback;
+  widget.callback = function () {
+    const result = callback?.apply(this, arguments);
+    askBank(node);
+    return result;
+  };
+}
+
 app.registerExtension({
   name: "StreamV2V.Nodes",
   setup() {
     api.addEventListener("execution_success", refreshBanks);
+  },
+  loadedGraphNode(node) {
+    // Banks outlive the page: an opened workflow's bank may hold a stream, or be gone.
+    if (node.comfyClass === BANK) askBank(node);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!SHOWS_STATUS.has(nodeData.name)) return;
@@ -100,6 +159,8 @@ app.registerExtension({
           serialize: false,
         });
         button.serialize = false;
+        askOnChange(this, "name");
+        askOnChange(this, "kind");
       }
       addStatus(this);
       this.setSize(this.computeSize());
@@ -109,6 +170,7 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       if (message?.text?.length) showStatus(this, message.text.join("\n"));
+      if (message?.bank?.length) this.streamv2vBank = message.bank[0]; // for resetBank
     };
   },
 });
