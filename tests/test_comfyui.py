@@ -350,6 +350,26 @@ def test_vhs_workflow_restyles_a_video_in_chunks_as_one_stream(
     assert len(history) >= 3
 
 
+def test_a_lora_chain_runs_with_the_model_loaded_by_its_last_link(
+    server: ComfyServer, object_info: dict[str, Any]
+) -> None:
+    """Loaders read ComfyUI's hidden prompt to leave the load to a chain's last Load LoRA."""
+    prompt = api_prompt("streamv2v_still_image.json", object_info, bank="test-lora-chain")
+    set_inputs(prompt, "LoadImage", image=server.upload(png(0), "lora-chain.png"))
+    loader = the(prompt, "StreamV2VLoadModel")
+    source = [loader, 0]
+    for link in ("lora-1", "lora-2"):
+        inputs = {"model": source, "lora_name": TINY["lcm_lora"], "strength": 0.5}
+        prompt[link] = {"class_type": "StreamV2VLoadLoRA", "inputs": inputs}
+        source = [link, 0]
+    for node_id, node in prompt.items():
+        if node_id != "lora-1" and node["inputs"].get("model") == [loader, 0]:
+            node["inputs"]["model"] = source
+    result = server.run(prompt)
+    succeeded(result, server)
+    assert {loader, "lora-1", "lora-2", the(prompt, "StreamV2VSampler")} <= set(result.executed)
+
+
 # -- (d) a webcam stream across runs ---------------------------------------------------------
 
 
