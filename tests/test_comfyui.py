@@ -367,7 +367,8 @@ def test_a_lora_chain_runs_with_the_model_loaded_by_its_last_link(
             node["inputs"]["model"] = source
     result = server.run(prompt)
     succeeded(result, server)
-    assert {loader, "lora-1", "lora-2", the(prompt, "StreamV2VSampler")} <= set(result.executed)
+    # The loader itself may come from ComfyUI's cache, after another test's run.
+    assert {"lora-1", "lora-2", the(prompt, "StreamV2VSampler")} <= set(result.executed)
 
 
 # -- (d) a webcam stream across runs ---------------------------------------------------------
