@@ -107,7 +107,7 @@ def add_routes() -> None:
     from aiohttp import web
     from server import PromptServer
 
-    from ..streamv2v.bank import BANK_KINDS
+    from ..streamv2v.bank import BankConfig
     from ..streamv2v.errors import StreamV2VError
     from ..streamv2v.session import validate_bank_name
     from .bank import describe
@@ -131,10 +131,8 @@ def add_routes() -> None:
         kind = request.query.get("kind") or None
         try:
             name = validate_bank_name(request.query.get("name", ""))
-            if kind is not None and kind not in BANK_KINDS:
-                raise StreamV2VError(
-                    f"bank kind {kind!r} is unknown: use one of {', '.join(BANK_KINDS)}"
-                )
+            if kind is not None:
+                BankConfig(kind=kind)  # the engine's own check and message
         except StreamV2VError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"text": describe(name, kind)})
