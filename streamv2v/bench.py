@@ -14,7 +14,9 @@ bank's overhead is judged by.
 time (frames that update the bank against frames that only read it) and its kernel time by
 kind (attention, convolution, matrix product, Inductor's fused kernels, DyMe's matching and
 sorts), then torch.profiler's table of the kernels (or, on a CPU, the operations) of N more
-frames.
+frames. ``--chunks K`` times the row's frames in K parts and prints the slowest and fastest
+part and the memory still allocated after the first and the last: whether a long live session
+holds its rate (a GPU that heats up and clocks down) and its memory.
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ class Result:
     first_s: float
     attention: str = ""
     profile: str | None = None
+    frames: int = 0
+    chunk_ms: tuple[float, ...] = ()
+    allocated_mib: tuple[float, float] | None = None
 
 
 def measure(
@@ -101,6 +106,7 @@ def measure(
     frames: int,
     warmup: int,
     profile: int = 0,
+    chunks: int = 1,
 ) -> Result:
     """Time ``frames`` pushes of ComfyUI-style frames (float32 CPU) after ``warmup`` pushes.
 
@@ -126,19 +132,42 @@ def measure(
     out = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    # A chunk's end waits for the GPU, once per chunk: negligible against its frames.
+    ends = [frames * (k + 1) // chunks for k in range(chunks)]
+    chunk_ms, allocated = [], []
+    start = chunk_start = time.perf_counter()
     for i in range(frames):
         out = stream.push(inputs[i % len(inputs)], to_cpu=False) or out
-    if out:
-        out[-1].cpu()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        if i + 1 == ends[len(chunk_ms)]:
+            if i + 1 == frames and out:
+                out[-1].cpu()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                allocated.append(torch.cuda.memory_allocated(device) / 2**20)
+            now = time.perf_counter()
+            done = ends[len(chunk_ms)] - (ends[len(chunk_ms) - 1] if chunk_ms else 0)
+            chunk_ms.append(1000 * (now - chunk_start) / done)
+            chunk_start = now
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     ms = 1000 * elapsed / frames
     report = where_time_goes(stream, inputs, profile) if profile else None
     attention = stream._fast.attention if stream._fast is not None else stream.attention_backend
-    return Result(stream.accel, bank, steps, size, ms, 1000 / ms, peak, first, attention, report)
+    return Result(
+        stream.accel,
+        bank,
+        steps,
+        size,
+        ms,
+        1000 / ms,
+        peak,
+        first,
+        attention,
+        report,
+        frames,
+        tuple(chunk_ms) if chunks > 1 else (),
+        (allocated[0], allocated[-1]) if chunks > 1 and allocated else None,
+    )
 
 
 def where_time_goes(stream: StreamV2V, inputs: list[torch.Tensor], frames: int) -> str:
@@ -287,6 +316,20 @@ def table(
                 pick = "flash-attn-4" if times[0] < times[1] else "SDPA"
                 lines.append(f"{shapes} {times[0] * 1e6:.1f}, {times[1] * 1e6:.1f} -> {pick}")
     for r in results:
+        if r.chunk_ms:
+            memory = (
+                f"; allocated {r.allocated_mib[0]:.0f} MiB after the first, "
+                f"{r.allocated_mib[1]:.0f} MiB after the last"
+                if r.allocated_mib
+                else ""
+            )
+            lines.append(
+                f"chunks: {r.accel} {r.bank} {r.steps} steps {r.size}: {len(r.chunk_ms)} of "
+                f"about {r.frames // len(r.chunk_ms)} frames, {min(r.chunk_ms):.2f} to "
+                f"{max(r.chunk_ms):.2f} ms/frame (slowest {1000 / max(r.chunk_ms):.1f} FPS)"
+                + memory
+            )
+    for r in results:
         if r.profile:
             lines += ["", f"profile: {r.accel} {r.bank} {r.steps} steps {r.size}", r.profile]
     return "\n".join(lines)
@@ -324,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="after each row, profile N more frames and print where the time goes",
     )
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        default=1,
+        metavar="K",
+        help="time each row's frames in K parts: the slowest and fastest part, and the memory "
+        "allocated after the first and the last (a long session's rate and memory)",
+    )
     args = parser.parse_args(argv)
     try:
         banks = [b.strip() for b in args.banks.split(",") if b.strip()]
@@ -338,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
             raise StreamV2VError(f"--sizes: give sizes of 8 to {MAX_SIDE} pixels, e.g. 512,768")
         if args.frames < 1 or args.warmup < 0 or args.profile < 0:
             raise StreamV2VError("--frames must be >= 1, --warmup and --profile >= 0")
+        if not 1 <= args.chunks <= args.frames:
+            raise StreamV2VError(
+                f"--chunks must be from 1 to --frames ({args.frames}), got {args.chunks}"
+            )
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype or default_dtype(device))
         if args.model:
@@ -348,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             with quiet_libraries():
                 model = random_sd15(device, dtype)
         results = [
-            measure(model, accel, bank, steps, size, args.frames, args.warmup, args.profile)
+            measure(
+                model, accel, bank, steps, size, args.frames, args.warmup, args.profile, args.chunks
+            )
             for size in args.sizes
             for steps in args.steps
             for bank in banks

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from streamv2v.bench import main, table
+from streamv2v.bench import Result, main, table
 
 
 def test_bench_reports_every_configuration(tiny_diffusers_dir, tiny_taesd_dir, capsys):
@@ -52,6 +52,34 @@ def test_bench_profiles_where_the_time_goes(tiny_diffusers_dir, tiny_taesd_dir, 
     assert "Self CPU" in profile and "aten::" in profile  # torch.profiler's table of this row
 
 
+def test_bench_times_a_row_in_chunks(tiny_diffusers_dir, tiny_taesd_dir, capsys):
+    argv = ["--model", str(tiny_diffusers_dir), "--vae", str(tiny_taesd_dir), "--device", "cpu"]
+    argv += ["--sizes", "32", "--steps", "2", "--banks", "dyme", "--accel", "off"]
+    assert main([*argv, "--frames", "7", "--warmup", "0", "--chunks", "3"]) == 0
+    out = capsys.readouterr().out
+    row = re.search(r"^off\s+dyme\s+2\s+32\s+([\d.]+)", out, re.M)
+    line = re.search(
+        r"^chunks: off dyme 2 steps 32: 3 of about 2 frames, ([\d.]+) to ([\d.]+) ms/frame "
+        r"\(slowest ([\d.]+) FPS\)$",  # no memory figures on a CPU
+        out,
+        re.M,
+    )
+    fastest, slowest, fps = map(float, line.groups())
+    assert 0 < fastest <= float(row.group(1)) <= slowest  # the row's mean lies between its parts
+    assert abs(fps - 1000 / slowest) < 0.1
+    assert main([*argv, "--frames", "7", "--warmup", "0"]) == 0
+    assert "chunks:" not in capsys.readouterr().out  # one part: nothing more to say
+
+
+def test_bench_chunk_line_gives_memory_on_a_gpu():
+    row = Result("compile", "dyme", 4, 512, 13.7, 73.0, 3310.0, 85.0, "sdpa", None, 20000)
+    row.chunk_ms, row.allocated_mib = (13.61, 13.8, 13.7), (2980.4, 2980.6)
+    assert (
+        "chunks: compile dyme 4 steps 512: 3 of about 6666 frames, 13.61 to 13.80 ms/frame "
+        "(slowest 72.5 FPS); allocated 2980 MiB after the first, 2981 MiB after the last"
+    ) in table([row], "H100", "random", torch.float16)
+
+
 def test_bench_says_which_attention_kernel_each_shape_got():
     cuda = torch.device("cuda")
     q, kv = (4, 4096, 320), (4, 8192, 320)
@@ -76,6 +104,8 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "--profile" in capsys.readouterr().err
     assert main(["--sizes=-8", "--device", "cpu"]) == 1
     assert "--sizes: give sizes of 8 to 4096 pixels" in capsys.readouterr().err
+    assert main(["--frames", "3", "--chunks", "4", "--device", "cpu"]) == 1
+    assert "--chunks must be from 1 to --frames (3), got 4" in capsys.readouterr().err
     assert main(["--vae", "x", "--device", "cpu"]) == 1
     assert "--vae only acts with --model" in capsys.readouterr().err
 
