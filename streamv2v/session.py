@@ -13,6 +13,7 @@ import gc
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -295,7 +296,7 @@ class Session:
                 else:
                     self.mode = "tail" if self.mode == "batch" else "live"
                 if self.mode == "live":
-                    outputs = self._live(stream, frames[0])
+                    outputs = torch.stack(self._live(stream, frames[0]))
                     if on_frame is not None:
                         on_frame(1, 1, outputs[-1])
                 else:
@@ -317,7 +318,7 @@ class Session:
                     ) from exc
                 raise
             self.runs += 1
-            return torch.stack(outputs)
+            return outputs
 
     def _stream_for(
         self,
@@ -362,12 +363,13 @@ class Session:
         frames: torch.Tensor | Sequence,
         each_run: str,
         on_frame: FrameCallback | None,
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         """Frames move to the GPU and back in chunks through pinned memory without waiting:
         the GPU has a queue of frames to work through while the host copies the next chunk
         in and the finished ones out, so neither waits for the other."""
         count = len(frames)
-        results = _Downloads(stream.device)
+        # A stream continued from an earlier run first returns that run's last frames.
+        results = _Downloads(stream.device, count, skip=stream.pending)
         for start in range(0, count, TRANSFER_CHUNK):
             chunk = frames[start : start + TRANSFER_CHUNK]
             if isinstance(chunk, torch.Tensor):
@@ -377,27 +379,32 @@ class Session:
                 if on_frame is not None:
                     on_frame(i + 1, count, results.latest())
         results.add(stream.flush(keep_state=each_run == "continue stream", to_cpu=False))
-        outputs = results.finish()
-        # A stream continued from an earlier run also returns that run's last frames.
-        return outputs[-count:]
+        return results.finish()
 
 
 TRANSFER_CHUNK = 16
+# Chunks on their way to the host at once: the host waits for the oldest beyond these, so the
+# pinned memory a long batch holds stays a few chunks' worth.
+CHUNKS_IN_FLIGHT = 4
 
 
 PREVIEW_EVERY_S = 0.2
 
 
 class _Downloads:
-    """Images leaving the GPU in chunks, each copied into pinned memory without a host sync;
-    between chunks, now and then a copy of the newest image alone, for the preview."""
+    """Images leaving the GPU in chunks, each copied into pinned memory without a host sync,
+    then into the run's output tensor while the GPU works on later frames; between chunks, now
+    and then a copy of the newest image alone, for the preview."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, count: int, skip: int) -> None:
         self.cuda = device.type == "cuda"
+        self.count, self.skip = count, skip
+        self.out: torch.Tensor | None = None  # [count, H, W, 3] on the host, made when needed
+        self.received = 0  # images that reached the host, skipped ones included
         self.pending: list[torch.Tensor] = []
         self.added = 0
         # (images added when the copy started, host copy, its event on a GPU)
-        self.chunks: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+        self.chunks: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
         # The preview copy under way (or done), and the one done before it
         nothing = (0, torch.empty(0), None)
         self.preview: tuple[int, torch.Tensor, torch.cuda.Event | None] = nothing
@@ -416,6 +423,8 @@ class _Downloads:
         batch = torch.stack(self.pending)
         self.pending = []
         self.chunks.append((self.added, *self._copy(batch)))
+        while len(self.chunks) > CHUNKS_IN_FLIGHT:
+            self._receive()
 
     def _copy(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         host = torch.empty(images.shape, dtype=images.dtype, pin_memory=self.cuda)
@@ -426,12 +435,31 @@ class _Downloads:
             event.record()
         return host, event
 
+    def _receive(self) -> None:
+        """The oldest chunk into the output, once it is on the host."""
+        _, host, event = self.chunks.popleft()
+        if event is not None:
+            event.synchronize()
+        drop = min(len(host), max(0, self.skip - self.received))
+        self.received += len(host)
+        kept = host[drop:]
+        if not len(kept):
+            return
+        if self.out is None:
+            self.out = torch.empty((self.count, *kept.shape[1:]), dtype=kept.dtype)
+        done = self.received - self.skip - len(kept)
+        if done + len(kept) > self.count:
+            raise RuntimeError(f"{done + len(kept)} frames came back for {self.count}")
+        self.out[done : done + len(kept)] = kept
+
     def latest(self) -> torch.Tensor | None:
         """The newest image already on the host (for previews; never waits for the GPU)."""
         if not self.cuda:  # the images are on the host already
             if self.pending:
                 return self.pending[-1]
-            return self.chunks[-1][1][-1] if self.chunks else None
+            if self.chunks:
+                return self.chunks[-1][1][-1]
+            return self._last_received()
         self._start_preview()
         newest: tuple[int, torch.Tensor] | None = None
         for added, host, event in reversed(self.chunks):
@@ -441,7 +469,11 @@ class _Downloads:
         for added, host, event in (self.preview, self.previewed):
             if event is not None and event.query() and (newest is None or added > newest[0]):
                 newest = (added, host)
-        return None if newest is None else newest[1]
+        return self._last_received() if newest is None else newest[1]
+
+    def _last_received(self) -> torch.Tensor | None:
+        done = self.received - self.skip
+        return self.out[done - 1] if self.out is not None and done > 0 else None
 
     def _start_preview(self) -> None:
         """Copy the newest image on its own every PREVIEW_EVERY_S, so a preview need not wait
@@ -455,12 +487,13 @@ class _Downloads:
         host, event = self._copy(self.pending[-1])
         self.preview, self.preview_at = (self.added, host, event), now
 
-    def finish(self) -> list[torch.Tensor]:
+    def finish(self) -> torch.Tensor:
         self._send()
-        for _, _, event in self.chunks:
-            if event is not None:
-                event.synchronize()
-        return [image for _, host, _ in self.chunks for image in host.unbind()]
+        while self.chunks:
+            self._receive()
+        if self.received - self.skip != self.count:
+            raise RuntimeError(f"{self.received - self.skip} frames came back for {self.count}")
+        return self.out
 
 
 class SessionRegistry:

@@ -514,6 +514,12 @@ class StreamV2V:
 
     # -- public API ----------------------------------------------------------------------------
 
+    @property
+    def pending(self) -> int:
+        """Frames pushed whose outputs have not come out yet: the next outputs are theirs."""
+        in_batch = sum(tag is not None for tag in self._tags[:-1])
+        return in_batch + sum(len(skipped) for skipped in self._aliases.values())
+
     def push(self, frame: np.ndarray | torch.Tensor, to_cpu: bool = True) -> list[torch.Tensor]:
         """Live mode: feed one frame, get the outputs that became ready (``lag`` frames behind).
 

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+import streamv2v.session as session_module
 from streamv2v.bank import BankConfig, FeatureBank
 from streamv2v.errors import StreamV2VError
+from streamv2v.session import Session
 from streamv2v.stream import StreamConfig, StreamV2V, t_index_list_from_strength
 
 NONE = BankConfig(kind="none")
@@ -325,3 +327,37 @@ def test_similar_frame_filter_skips_static_frames(tiny_model_taesd, steps):
     for i in range(1, 20):
         if i not in real:
             assert torch.equal(outs[i], outs[i - 1])  # a skipped frame repeats the last output
+
+
+def test_chunks_with_skipped_frames_continue_one_stream(tiny_model_taesd):
+    """A chunk border inside a still stretch: frames the similar-frame filter skipped are still
+    owed outputs from the last chunk when the next one starts (``pending``), and only this
+    chunk's own frames come back."""
+    still = video(1)[0]
+    frames = torch.stack([still] * 10 + video(6, seed=5))
+    config = StreamConfig(similar_filter=0.9, max_skip=4)
+    whole = torch.stack(list(StreamV2V(tiny_model_taesd, config, prompt="x").process(frames)))
+    session = Session("chunks")
+    chunks, pending = [], []
+    for a, b in ((0, 5), (5, 11), (11, 16)):
+        chunks.append(session.run(tiny_model_taesd, config, BankConfig(), "x", "", frames[a:b]))
+        pending.append(session.stream.pending)
+    assert [len(c) for c in chunks] == [5, 6, 5]
+    assert pending[0] > 3  # three frames in the batch, and skipped stills waiting on them
+    torch.testing.assert_close(chunks[1], whole[5:11])
+    torch.testing.assert_close(chunks[2], whole[11:])
+
+
+def test_downloads_keep_few_chunks_and_return_only_this_runs_frames():
+    images = [torch.full((2, 3, 3), float(i)) for i in range(100)]
+    downloads = session_module._Downloads(torch.device("cpu"), count=97, skip=3)
+    for image in images:
+        downloads.add([image])
+        assert len(downloads.chunks) <= session_module.CHUNKS_IN_FLIGHT
+        assert torch.equal(downloads.latest(), image)  # the newest, for the preview
+    out = downloads.finish()
+    assert torch.equal(out, torch.stack(images[3:]))  # the earlier run's three left out
+    short = session_module._Downloads(torch.device("cpu"), count=5, skip=0)
+    short.add(images[:4])
+    with pytest.raises(RuntimeError, match="4 frames came back for 5"):
+        short.finish()
