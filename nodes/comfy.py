@@ -183,6 +183,16 @@ def device() -> str:
     return str(comfy.model_management.get_torch_device())
 
 
+def running_prompt_id() -> str | None:
+    """The id of the queued run ComfyUI is executing (its execution context), or None."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    context = get_executing_context()
+    return None if context is None else context.prompt_id
+
+
 def status_text(node_id: str | None) -> Callable[[str], None]:
     """Show a message under the running node (ComfyUI's progress text), e.g. "compiling"."""
 

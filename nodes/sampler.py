@@ -11,29 +11,67 @@ from ..streamv2v.stream import CFG_TYPES, StreamConfig
 from . import comfy
 from .bank import BANK, BankHandle, describe
 from .loaders import MODEL
-from .state import MODELS, SESSIONS
+from .state import BANK_USERS, MODELS, SESSIONS
 
 
 def samplers_sharing(graph: dict | None, node_id: str | None, name: str) -> list[str]:
-    """The other samplers of the queued workflow (``graph``, ComfyUI's API prompt) whose bank
-    comes from a Feature Bank node named ``name``: two samplers would take turns restarting one
-    stream, each undoing the other's, so the run is refused instead."""
+    """The other samplers of the queued workflow (``graph``, ComfyUI's API prompt) on this
+    sampler's bank: fed by the same Feature Bank node, or by one named ``name``, or by one whose
+    name comes from the same output as this one's. Two samplers would take turns restarting one
+    stream, each undoing the other's, so the run is refused instead, before either runs."""
     if not isinstance(graph, dict):
         return []
+    mine = _feature_bank(graph, graph.get(str(node_id)))
+    keys = {("name", name)} | (_bank_keys(*mine) if mine else set())
     others = []
     for other_id, node in graph.items():
         if str(other_id) == str(node_id) or not isinstance(node, dict):
             continue
         if node.get("class_type") != "StreamV2VSampler":
             continue
-        link = node.get("inputs", {}).get("bank")
-        source = graph.get(str(link[0])) if isinstance(link, list) and link else None
-        if not isinstance(source, dict) or source.get("class_type") != "StreamV2VFeatureBank":
-            continue
-        other = source.get("inputs", {}).get("name")
-        if isinstance(other, str) and other.strip() == name:
+        source = _feature_bank(graph, node)
+        if source is not None and keys & _bank_keys(*source):
             others.append(str(other_id))
     return sorted(others)
+
+
+def _feature_bank(graph: dict, sampler: object) -> tuple[str, dict] | None:
+    """(id, node) of the Feature Bank node a sampler's bank input is linked to."""
+    link = sampler.get("inputs", {}).get("bank") if isinstance(sampler, dict) else None
+    if not isinstance(link, list) or not link:
+        return None
+    source = graph.get(str(link[0]))
+    if not isinstance(source, dict) or source.get("class_type") != "StreamV2VFeatureBank":
+        return None
+    return str(link[0]), source
+
+
+def _bank_keys(bank_id: str, bank: dict) -> set[tuple]:
+    """What makes two Feature Bank nodes one bank, as far as the queued workflow shows: the
+    node itself, its name as typed, or the output its name is linked to."""
+    keys: set[tuple] = {("node", bank_id)}
+    name = bank.get("inputs", {}).get("name")
+    if isinstance(name, str):
+        keys.add(("name", name.strip()))
+    elif isinstance(name, list) and name:
+        keys.add(("link", *map(str, name)))
+    return keys
+
+
+def samplers_before(name: str, node_id: str | None) -> list[str]:
+    """Another sampler that ran bank ``name`` earlier in the queued run now executing.
+
+    ``samplers_sharing`` reads the queued workflow, which holds no name that another node
+    computes (two String nodes with one text); this catches those when the second sampler
+    runs. The first has run by then, so this is the fallback."""
+    run = comfy.running_prompt_id()
+    if run is None or node_id is None:
+        return []
+    previous = BANK_USERS.get(name)
+    if previous is not None and previous[0] == run and previous[1] != str(node_id):
+        return [previous[1]]
+    BANK_USERS[name] = (run, str(node_id))
+    return []
 
 
 class StreamV2VSampler:
@@ -218,7 +256,9 @@ class StreamV2VSampler:
         unique_id: str | None = None,
         graph: dict | None = None,
     ) -> dict:
-        others = samplers_sharing(graph, unique_id, bank.name)
+        others = samplers_sharing(graph, unique_id, bank.name) or samplers_before(
+            bank.name, unique_id
+        )
         if others:
             raise StreamV2VError(
                 f"this sampler (node {unique_id}) and node {', '.join(others)} both use bank "

@@ -14,6 +14,8 @@ log = logging.getLogger("ComfyUI-StreamV2V")
 
 SESSIONS = SessionRegistry()
 MODELS = ModelCache(let_go=SESSIONS.drop_streams)
+# The sampler that last ran each bank, and in which queued run: (prompt id, node id) by name
+BANK_USERS: dict[str, tuple[str, str]] = {}
 
 
 def release_models() -> bool:

@@ -413,6 +413,36 @@ def test_webcam_stream_continues_across_runs(
     assert "no effect with cfg type 'none'" in result.error["exception_message"]
 
 
+def test_two_samplers_on_one_bank_name_from_string_nodes_are_refused(
+    server: ComfyServer, object_info: dict[str, Any]
+) -> None:
+    """Two Feature Bank nodes named by one String node are refused before either runs; named
+    by two String nodes with one text (the queued workflow holds links, not the name), the
+    second sampler to run is refused when it runs."""
+    if "PrimitiveString" not in object_info:
+        pytest.skip("this ComfyUI has no String (PrimitiveString) node")
+    prompt = api_prompt("streamv2v_webcam.json", object_info, bank="unused")
+    camera, sampler = the(prompt, "WebcamCapture"), the(prompt, "StreamV2VSampler")
+    feature_bank = the(prompt, "StreamV2VFeatureBank")
+    for name in ("name", "name-2"):
+        prompt[name] = {"class_type": "PrimitiveString", "inputs": {"value": "test-linked-name"}}
+    prompt[feature_bank]["inputs"]["name"] = ["name", 0]
+    prompt["bank-2"] = json.loads(json.dumps(prompt[feature_bank]))
+    prompt["sampler-2"] = json.loads(json.dumps(prompt[sampler]))
+    prompt["sampler-2"]["inputs"]["bank"] = ["bank-2", 0]
+    prompt["preview-2"] = {"class_type": "PreviewImage", "inputs": {"images": ["sampler-2", 0]}}
+    image = server.upload(png(1), "linked.png", subfolder="webcam", kind="temp")
+    prompt[camera]["inputs"]["image"] = image
+    for names, ran in ((("name", 0), 0), (("name-2", 0), 1)):
+        prompt["bank-2"]["inputs"]["name"] = list(names)
+        result = server.run(prompt)
+        assert result.status == "error" and result.error is not None, result.outputs
+        assert result.error["exception_type"] == "streamv2v.errors.StreamV2VError", result.error
+        assert "both use bank 'test-linked-name'" in result.error["exception_message"]
+        # one String node: refused before either sampler ran; two: the first ran alone
+        assert bank_stats(server, "test-linked-name").get("frames_in", 0) == ran
+
+
 def test_bank_route_shows_the_bank_a_name_and_kind_pick(
     server: ComfyServer, object_info: dict[str, Any]
 ) -> None:

@@ -453,12 +453,53 @@ def test_two_samplers_on_one_bank_name_are_refused(comfy):
     one_bank["s1"] = {"class_type": "StreamV2VSampler", "inputs": {"bank": ["b0", 0]}}
     assert sharing(one_bank, "s1", "a") == ["s0"]
     assert sharing(None, "s0", "a") == []
+    linked = graph(["str", 0], ["str", 0])  # one String node names both banks
+    assert sharing(linked, "s0", "linked") == ["s1"]
+    linked["s1"]["inputs"]["bank"] = ["b0", 0]  # one bank node with a linked name, two samplers
+    assert sharing(linked, "s0", "linked") == ["s1"]
+    assert sharing(graph(["str", 0], ["str", 1]), "s0", "linked") == []  # two outputs
 
     model = load(comfy)
     handle, _ = bank(comfy, name="a")
     with pytest.raises(StreamV2VError, match=r"node s0\) and node s1 both use bank 'a'"):
         sample(comfy, model, handle, video(1), unique_id="s0", graph=graph("a", "a"))
     assert comfy.state_module.SESSIONS.get("a").bank is None  # refused before it ran
+
+
+def test_two_samplers_on_one_computed_bank_name_are_refused_when_the_second_runs(
+    comfy, monkeypatch
+):
+    """A name that other nodes compute (two String nodes with one text) is not in the queued
+    workflow for the sampler to read: the second sampler to run that bank in the same queued
+    run is refused then."""
+    StreamV2VError = comfy.engine("errors").StreamV2VError
+    running = types.SimpleNamespace(prompt_id="p1")
+    utils = types.ModuleType("comfy_execution.utils")
+    utils.get_executing_context = lambda: running
+    monkeypatch.setitem(sys.modules, "comfy_execution", types.ModuleType("comfy_execution"))
+    monkeypatch.setitem(sys.modules, "comfy_execution.utils", utils)
+    graph = {
+        "t0": {"class_type": "PrimitiveString", "inputs": {"value": "linked"}},
+        "t1": {"class_type": "PrimitiveString", "inputs": {"value": "linked"}},
+        "b0": {"class_type": "StreamV2VFeatureBank", "inputs": {"name": ["t0", 0]}},
+        "b1": {"class_type": "StreamV2VFeatureBank", "inputs": {"name": ["t1", 0]}},
+        "s0": {"class_type": "StreamV2VSampler", "inputs": {"bank": ["b0", 0]}},
+        "s1": {"class_type": "StreamV2VSampler", "inputs": {"bank": ["b1", 0]}},
+    }
+    model = load(comfy)
+    handle, _ = bank(comfy, name="linked")
+    sample(comfy, model, handle, video(1), unique_id="s0", graph=graph)
+    session = comfy.state_module.SESSIONS.get("linked")
+    held = session.stats()
+    with pytest.raises(StreamV2VError, match=r"node s1\) and node s0 both use bank 'linked'"):
+        sample(comfy, model, handle, video(1), unique_id="s1", graph=graph)
+    assert session.stats() == held  # refused before it ran
+    # The next queued run: the same sampler, or another one alone, runs the bank again.
+    running.prompt_id = "p2"
+    sample(comfy, model, handle, video(1), unique_id="s0", graph=graph)
+    running.prompt_id = "p3"
+    sample(comfy, model, handle, video(1), unique_id="s1")
+    assert session.stats()["frames_in"] == 3
 
 
 def test_reset_during_a_run_waits_for_it_and_release_restarts_the_stream(comfy, monkeypatch):
