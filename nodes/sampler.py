@@ -81,7 +81,8 @@ class StreamV2VSampler:
         "Run (Instant)) continues the stream from the previous run: the output lags 'steps - 1' "
         "frames once the stream is full (before that, the current frame finished early); right "
         "after a batch, a single frame is a video's last chunk and comes out in step. A change "
-        "of frame size, model, steps or CFG type starts a new bank, and the node says so."
+        "of frame size, model, steps, or to or from CFG initialize/full starts a new bank, and the "
+        "node says so."
     )
     CATEGORY = "StreamV2V"
     FUNCTION = "sample"

@@ -264,7 +264,8 @@ class Session:
         N = 1 right after such a batch (a video's last chunk) is a batch too. Any other N = 1
         (a webcam frame, a still) is a live frame: the output ``lag`` frames behind, or while
         the stream fills, the current frame finished early. Frames of another size, another
-        model or another step count or CFG type than the bank's start a new bank, with a note.
+        model, or another UNet batch (step count; CFG initialize/full) than the bank's start a new
+        bank, with a note.
         A failure leaves bank and stream as they were. ``accel`` and ``on_status`` are
         ``StreamV2V``'s.
         """
