@@ -14,6 +14,7 @@ import types
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -701,3 +702,21 @@ def test_temporal_consistency_names_what_does_not_fit(comfy):
     tiny = video(3, width=7, height=5)
     with pytest.raises(StreamV2VError, match="as small as 7x5: use flow 'farneback'"):
         node.measure(tiny, tiny, "dis")
+
+
+def test_the_preview_is_the_frame_in_8_bits(comfy, monkeypatch):
+    shown = []
+
+    class ProgressBar:
+        def __init__(self, total):
+            pass
+
+        def update_absolute(self, value, total=None, preview=None):
+            shown.append(preview)
+
+    monkeypatch.setattr(sys.modules["comfy.utils"], "ProgressBar", ProgressBar)
+    image = torch.tensor([[[-0.2, 0.0, 0.25], [0.6, 0.999, 1.4]]])  # outside 0..1 too
+    sys.modules[PACK + ".nodes.comfy"].Progress(1)(1, 1, image)
+    kind, picture, size = shown[0]
+    assert (kind, size) == ("JPEG", 512)
+    assert np.asarray(picture).tolist() == [[[0, 0, 64], [153, 255, 255]]]
