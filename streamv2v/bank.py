@@ -90,7 +90,9 @@ def dyme_merge(
     rows, tokens, _ = keys.shape
     if draws is None:
         draws = torch.rand(rows, tokens, 1, device=keys.device, generator=generator)
-    order = draws.argsort(dim=1)
+    # Stable: equal draws happen (torch.rand repeats values) and go to the lower position, as
+    # CUDA's eager sort puts them; Inductor's sort (compiled merge) and the CPU's would not.
+    order = draws.argsort(dim=1, stable=True)
     if rolled:  # the same split of tokens laid out as [frame | bank]
         order = (order + rolled) % tokens
     n_src = int(ratio * tokens)
@@ -352,6 +354,15 @@ class BankConfig:
             raise StreamV2VError(
                 f"fusion threshold is a cosine similarity within -1..1, got "
                 f"{self.fusion_threshold} (paper: 0.98)"
+            )
+        if self.kind == "queue":
+            self._refuse_changed(
+                ["merge_ratio"], "with bank kind 'queue', which never merges: use bank kind 'dyme'"
+            )
+        if self.fusion and not self.fusion_layers:
+            raise StreamV2VError(
+                "fusion layers is empty, so feature fusion would act nowhere: name the layers "
+                f"(default {', '.join(FUSION_LAYERS)}) or turn fusion off"
             )
         if not 0.0 < self.merge_ratio < 1.0:
             raise StreamV2VError(f"merge ratio must be within (0, 1), got {self.merge_ratio}")

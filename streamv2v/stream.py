@@ -116,6 +116,11 @@ class StreamConfig:
             raise StreamV2VError(
                 f"cfg type {self.cfg_type!r} is unknown: use one of {', '.join(CFG_TYPES)}"
             )
+        if not math.isfinite(self.guidance):
+            raise StreamV2VError(
+                f"guidance must be a finite number, got {self.guidance}: use 1.0 with cfg type "
+                "none, or a value above 1.0 (e.g. 1.2) with self, initialize or full"
+            )
         if self.cfg_type == "none" and self.guidance != 1.0:
             raise StreamV2VError(
                 f"guidance {self.guidance} has no effect with cfg type 'none': set cfg type to "
@@ -144,6 +149,11 @@ class StreamConfig:
             raise StreamV2VError(
                 f"similar-frame threshold must be a cosine similarity within (0, 1), got "
                 f"{self.similar_filter} (StreamDiffusion uses 0.98)"
+            )
+        if not isinstance(self.max_skip, int) or self.max_skip < 1:
+            raise StreamV2VError(
+                f"max_skip must be a whole number of frames >= 1, got {self.max_skip!r} "
+                "(default 10)"
             )
         if self.similar_filter is None and self.max_skip != 10:
             raise StreamV2VError(

@@ -75,6 +75,38 @@ def test_dyme_merge_keeps_n_and_means_matched_tokens():
                 torch.testing.assert_close(merged[row, j], source[row, members].mean(0))
 
 
+def test_dyme_ties_in_the_draws_are_split_by_position():
+    """``torch.rand`` repeats values (on a GPU, about one row of 512 draws in 200 has a tie),
+    and an unstable sort may order equal draws either way: the CPU's sort does, and so does
+    Inductor's sort in the compiled merge, where CUDA's eager sort keeps positions. Ties go
+    to the lower position everywhere, so every path makes the same split."""
+    keys, values, outputs = (
+        torch.randn(2, 128, 4, generator=torch.Generator().manual_seed(s)) for s in range(3)
+    )
+    tied = torch.zeros(2, 128, 1)  # every draw equal
+    ordered = torch.arange(128.0).view(1, 128, 1).expand(2, -1, -1).contiguous()
+    got = dyme_merge(keys, values, outputs, None, draws=tied)
+    want = dyme_merge(keys, values, outputs, None, draws=ordered)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Inductor's sort)")
+def test_the_compiled_merge_splits_tied_draws_as_the_eager_merge():
+    from streamv2v.bank import _compiled_merge, _merge_in_place
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (64, 256):  # joint token counts of 128 and 512: Inductor sorts these itself
+        joint = [torch.randn(4, 2 * n, 32, device="cuda", generator=g) for _ in "kvo"]
+        draws = torch.rand(4, 2 * n, 1, device="cuda", generator=g)
+        draws[:, 1::2] = draws[:, 0::2]  # pairs of equal draws
+        eager, compiled = [t.clone() for t in joint], [t.clone() for t in joint]
+        _merge_in_place(*eager, draws.clone(), 0.5, n, False)
+        _compiled_merge()(*compiled, draws.clone(), 0.5, n, False)
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(a, b)
+
+
 def test_dyme_partitions_follow_the_generator():
     keys = torch.randn(1, 8, 4, generator=torch.Generator().manual_seed(3))
     a = dyme_merge(keys, keys, keys, torch.Generator().manual_seed(1))[0]
@@ -183,6 +215,10 @@ def test_bank_config_rejects_controls_without_effect():
         BankConfig(kind="none", extended_attention=False)
     with pytest.raises(StreamV2VError, match="fusion strength .* fusion off"):
         BankConfig(fusion=False, fusion_strength=0.5)
+    with pytest.raises(StreamV2VError, match="merge ratio .* 'queue'"):
+        BankConfig(kind="queue", merge_ratio=0.25)
+    with pytest.raises(StreamV2VError, match="fusion layers is empty"):
+        BankConfig(fusion_layers=())
 
 
 def test_fusion_layers_are_the_low_resolution_decoder():

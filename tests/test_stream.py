@@ -264,12 +264,14 @@ def test_bad_frames_give_clear_errors(tiny_model_taesd):
         ({"strength": 0.0}, "strength"),
         ({"strength": 0.05, "steps": 4}, "too low"),
         ({"guidance": 1.5}, "no effect"),
+        ({"cfg_type": "self", "guidance": float("inf")}, "finite"),
         ({"cfg_type": "self"}, "no effect"),
         ({"cfg_type": "full", "guidance": 1.5, "delta": 0.5}, "delta"),
         ({"cfg_type": "other"}, "unknown"),
         ({"seed": -1}, "seed"),
         ({"width": 3}, "width"),
         ({"max_skip": 3}, "similar"),
+        ({"similar_filter": 0.9, "max_skip": 0}, "max_skip must be"),
         ({"similar_filter": 1.5}, "within"),
     ],
 )
@@ -307,6 +309,73 @@ def test_residual_cfg_types_run_and_act(tiny_model_taesd, cfg_type):
     out = torch.stack(list(stream.process(frames)))
     assert out.shape == base.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, base)
+
+
+def residual_cfg_alone(model, frames, prompt, negative, cfg_type, guidance, delta, seed=2):
+    """StreamDiffusion's guidance slot by slot, one UNet row at a time, from its description:
+    ``self``/``initialize`` guide with a virtual negative noise carried per slot (``initialize``
+    replaces slot 0's with a real unconditional prediction), ``full`` with real ones. The
+    stream primes with frame 0 repeated and flushes with the last frame repeated."""
+    pipe = model.pipe
+    schedule = lcm_schedule((30, 35, 40, 45))
+    steps = len(schedule)
+    h, w = frames[0].shape[:2]
+    noise = torch.randn(
+        (steps, 1, 4, h // 8, w // 8), generator=torch.Generator().manual_seed(seed)
+    )
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, negative)
+    buffer = [torch.zeros_like(noise[0]) for _ in range(steps - 1)]
+    stock = [torch.zeros_like(noise[0]) for _ in range(steps)]
+    calls = [frames[0]] * steps + list(frames) + [frames[-1]] * (steps - 1)
+    finished = []
+    for frame in calls:
+        x = frame.permute(2, 0, 1).unsqueeze(0) * 2 - 1
+        z = pipe.vae.encode(x).latents * pipe.vae.config.scaling_factor
+        slots = [schedule[0][1] * z + schedule[0][2] * noise[0], *buffer]
+        stock = [noise[0], *stock[:-1]]
+        if cfg_type == "initialize":  # slot 0's real unconditional prediction
+            t0 = torch.tensor([schedule[0][0]])
+            stock[0] = pipe.unet(slots[0], t0, encoder_hidden_states=uncond).sample
+        x0s, new_stock = [], []
+        for k, (t, a, b, c_skip, c_out) in enumerate(schedule):
+            eps_text = pipe.unet(slots[k], torch.tensor([t]), encoder_hidden_states=cond).sample
+            if cfg_type == "full":
+                eps_uncond = pipe.unet(slots[k], torch.tensor([t]), encoder_hidden_states=uncond)
+                eps_uncond = eps_uncond.sample
+            else:
+                eps_uncond = delta * stock[k]
+            eps = eps_uncond + guidance * (eps_text - eps_uncond)
+            x0s.append(c_out * (slots[k] - b * eps) / a + c_skip * slots[k])
+            scaled = b * stock[k]
+            virtual = c_out * (scaled - b * eps) / a + c_skip * scaled
+            a_next, b_next = (schedule[k + 1][1:3]) if k + 1 < steps else (1.0, 1.0)
+            new_stock.append(noise[(k + 1) % steps] + a_next * virtual / b_next)
+        if cfg_type != "full":
+            stock = new_stock
+        buffer = [
+            schedule[k + 1][1] * x0s[k] + schedule[k + 1][2] * noise[k + 1]
+            for k in range(steps - 1)
+        ]
+        finished.append(x0s[-1])
+    images = []
+    for x0 in finished[2 * steps - 1 :]:  # frame i leaves the batch S-1 calls after it entered
+        image = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
+        images.append((image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0))
+    return images
+
+
+@pytest.mark.parametrize("cfg_type,delta", [("self", 0.7), ("initialize", 0.7), ("full", 1.0)])
+def test_residual_cfg_equals_streamdiffusion_slot_by_slot(tiny_model_taesd, cfg_type, delta):
+    frames = video(5)
+    negative = "" if cfg_type == "self" else "blurry"
+    config = StreamConfig(cfg_type=cfg_type, guidance=1.8, delta=delta)
+    stream = StreamV2V(tiny_model_taesd, config, NONE, "a cat", negative)
+    with torch.inference_mode():
+        got = list(stream.process(frames))
+        want = residual_cfg_alone(tiny_model_taesd, frames, "a cat", negative, cfg_type, 1.8, delta)
+    assert len(got) == len(want) == len(frames)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"frame {i}")
 
 
 @pytest.mark.parametrize("steps", [1, 4])
@@ -361,3 +430,20 @@ def test_downloads_keep_few_chunks_and_return_only_this_runs_frames():
     short.add(images[:4])
     with pytest.raises(RuntimeError, match="4 frames came back for 5"):
         short.finish()
+
+
+def test_similar_frame_skip_probability_rises_from_the_threshold_to_one():
+    """StreamDiffusion's rule: no skip at or below the threshold, then a chance that grows
+    linearly to certainty at identical frames (0.99 with threshold 0.98: half of the time)."""
+    from streamv2v.similar import SimilarFrameFilter
+
+    f = SimilarFrameFilter(0.98, 10, torch.Generator().manual_seed(0))
+    for similarity, want in ((0.5, 0.0), (0.98, 0.0), (0.985, 0.25), (0.99, 0.5), (1.0, 1.0)):
+        assert f.skip_probability(similarity) == pytest.approx(want)
+    first = torch.tensor([1.0, 0.0])
+    near = torch.tensor([0.99, (1 - 0.99**2) ** 0.5])  # cosine similarity 0.99 with ``first``
+    skipped = 0
+    for _ in range(400):
+        f.previous, f.skipped_in_a_row = first, 0
+        skipped += f.should_skip(near)
+    assert 0.4 < skipped / 400 < 0.6
