@@ -15,11 +15,15 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .bank import FeatureBank, fuse, self_attention_layers
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
 from .cachedir import kept_folder
 from .cudastreams import side_stream
 from .errors import describe_failure
@@ -267,7 +271,7 @@ def _unusable(device: torch.device, why: BaseException | str) -> None:
     )
 
 
-def _project(attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
+def _project(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor | None):
     """q/k/v projections as diffusers' ``Attention`` defines them (SD1.5: no norms, no mask)."""
     if attn.spatial_norm is not None or attn.group_norm is not None:
         raise NotImplementedError("attention layers with spatial/group norm are not SD1.5 layers")
@@ -277,14 +281,14 @@ def _project(attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
     return (query, *project_context(attn, context))
 
 
-def project_context(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def project_context(attn: Attention, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A cross-attention layer's keys and values for ``context`` (the prompt embeddings)."""
     if attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)
     return attn.to_k(context), attn.to_v(context)
 
 
-def _finish(attn, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def _finish(attn: Attention, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
     if attn.residual_connection:
         hidden_states = hidden_states + residual
@@ -299,7 +303,7 @@ class FusedProjection:
     three products only within rounding, so the bit-exact reference keeps three.
     """
 
-    def __init__(self, attn) -> None:
+    def __init__(self, attn: Attention) -> None:
         linears = (attn.to_q, attn.to_k, attn.to_v)
         with torch.no_grad():
             self.weight = torch.cat([x.weight for x in linears])
@@ -322,7 +326,7 @@ class PlainAttnProcessor:
 
     def __call__(
         self,
-        attn,
+        attn: Attention,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -337,7 +341,7 @@ class PlainAttnProcessor:
         return _finish(attn, out, hidden_states)
 
     def project(
-        self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None
+        self, attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if context is None and self.qkv is not None:
             return self.qkv(hidden_states)
@@ -371,7 +375,7 @@ class BankSelfAttnProcessor:
 
     def __call__(
         self,
-        attn,
+        attn: Attention,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -418,7 +422,7 @@ class CachedCrossAttnProcessor(PlainAttnProcessor):
         self.layer = layer
 
     def project(
-        self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None
+        self, attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (attn.to_q(hidden_states), *self.cache[self.layer])
 
