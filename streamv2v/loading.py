@@ -337,16 +337,8 @@ def _variant(subfolder: Path) -> str | None:
     return "fp16" if half and not plain else None
 
 
-def _load_diffusers_folder(folder: Path, dtype: torch.dtype, load_vae: bool):
-    from diffusers import (
-        AutoencoderKL,
-        LCMScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+def _check_diffusers_folder(folder: Path, load_vae: bool) -> None:
+    """A diffusers folder's index and configs: an SD1.5 UNet and every part a load reads."""
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise StreamV2VError(
@@ -373,6 +365,18 @@ def _load_diffusers_folder(folder: Path, dtype: torch.dtype, load_vae: bool):
                 f"diffusers folder {str(folder)!r} lacks its {part!r} subfolder; the "
                 "download is incomplete, fetch the whole model folder"
             )
+
+
+def _load_diffusers_folder(folder: Path, dtype: torch.dtype, load_vae: bool):
+    from diffusers import (
+        AutoencoderKL,
+        LCMScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     try:
         unet = UNet2DConditionModel.from_pretrained(
             str(folder),
@@ -421,19 +425,24 @@ def _load_diffusers_folder(folder: Path, dtype: torch.dtype, load_vae: bool):
     return pipe
 
 
-def _load_single_file(path: Path, dtype: torch.dtype, config_dir: Path):
-    from diffusers import LCMScheduler, StableDiffusionPipeline
-
+def _check_single_file(path: Path) -> None:
+    """A checkpoint's suffix and, for .safetensors, its header: an SD1.5 checkpoint. A pickled
+    .ckpt has no header to read; its tensors are checked as it loads."""
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise StreamV2VError(
             f"model file {str(path)!r} is not a checkpoint (expected one of "
             f"{', '.join(SINGLE_FILE_SUFFIXES)}); pick a .safetensors checkpoint"
         )
     if path.suffix.lower() == ".safetensors":
-        shapes = _safetensors_shapes(path, "model file")
-    else:  # diffusers reads it again, also with weights_only=True
+        _check_single_file_family(path, _safetensors_shapes(path, "model file"))
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, config_dir: Path):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    if path.suffix.lower() != ".safetensors":  # diffusers reads it again, with weights_only=True
         shapes = {k: tuple(v.shape) for k, v in _load_pickle_tensors(path, "model file").items()}
-    _check_single_file_family(path, shapes)
+        _check_single_file_family(path, shapes)
     try:
         pipe = StableDiffusionPipeline.from_single_file(
             str(path),
@@ -623,11 +632,6 @@ def _load_vae(spec: str | Path, dtype: torch.dtype, config_dir: Path):
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     path = _existing(spec, "VAE")
-    if path.name.startswith(("taesdxl_", "taesd3_", "taef1_")):
-        raise StreamV2VError(
-            f"VAE {str(path)!r} is a TAESD for another model family; use "
-            "taesd_encoder/taesd_decoder (SD1.5)"
-        )
     files = _taesd_files(path)
     if files is not None:
         return _load_taesd_original(*files, dtype), "taesd", f"TAESD ({files[0].parent.name})"
@@ -703,6 +707,48 @@ def _load_vae(spec: str | Path, dtype: torch.dtype, config_dir: Path):
 # --- entry point ------------------------------------------------------------------------------
 
 
+def _lora_list(
+    lcm_lora: str | Path | None, lcm_lora_weight: float, loras: Sequence[LoraSpec | str]
+) -> list[tuple[LoraSpec, str]]:
+    """Every LoRA to fuse, the LCM-LoRA first, each with what to call it in a message."""
+    lora_list: list[tuple[LoraSpec, str]] = []
+    if lcm_lora is not None:
+        lora_list.append((LoraSpec(lcm_lora, lcm_lora_weight), "LCM-LoRA"))
+    for spec in loras:
+        if not isinstance(spec, LoraSpec):
+            spec = parse_lora_arg(str(spec))
+        lora_list.append((spec, "LoRA"))
+    return lora_list
+
+
+def check_model_files(
+    model: str | Path,
+    *,
+    lcm_lora: str | Path | None = None,
+    lcm_lora_weight: float = 1.0,
+    loras: Sequence[LoraSpec | str] = (),
+    vae: str | Path | None = None,
+) -> Path:
+    """What ``load_model`` can tell from names, headers and configs alone, before it reads any
+    weights: a host that keeps one model names a wrong pick before it lets the loaded one go.
+    Returns the model's path."""
+    model_path = _existing(model, "model")
+    for spec, what in _lora_list(lcm_lora, lcm_lora_weight, loras):
+        check_lora_file(spec, what)
+    if vae is not None:
+        vae_path = _existing(vae, "VAE")
+        if vae_path.name.startswith(("taesdxl_", "taesd3_", "taef1_")):
+            raise StreamV2VError(
+                f"VAE {str(vae_path)!r} is a TAESD for another model family; use "
+                "taesd_encoder/taesd_decoder (SD1.5)"
+            )
+    if model_path.is_dir():
+        _check_diffusers_folder(model_path, load_vae=vae is None)
+    else:
+        _check_single_file(model_path)
+    return model_path
+
+
 def load_model(
     model: str | Path,
     *,
@@ -723,22 +769,17 @@ def load_model(
     """
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
-    model_path = _existing(model, "model")
     configs = SHIPPED_SD15_DIR if config_dir is None else _existing(config_dir, "config folder")
     if not (configs / "model_index.json").is_file():
         raise StreamV2VError(
             f"config folder {str(configs)!r} has no model_index.json; give a diffusers SD1.5 "
             "folder (configs only are enough)"
         )
-    lora_list: list[tuple[LoraSpec, str]] = []
-    if lcm_lora is not None:
-        lora_list.append((LoraSpec(lcm_lora, lcm_lora_weight), "LCM-LoRA"))
-    for spec in loras:
-        if not isinstance(spec, LoraSpec):
-            spec = parse_lora_arg(str(spec))
-        lora_list.append((spec, "LoRA"))
-    for spec, what in lora_list:  # fail before the slow model load, not after it
-        check_lora_file(spec, what)
+    # fail before the slow loads, not after them
+    model_path = check_model_files(
+        model, lcm_lora=lcm_lora, lcm_lora_weight=lcm_lora_weight, loras=loras, vae=vae
+    )
+    lora_list = _lora_list(lcm_lora, lcm_lora_weight, loras)
     with quiet_libraries():
         # The VAE first: it is small, and a wrong one is named before the slow model load.
         new_vae, vae_kind, vae_label = None, "kl", "own VAE"

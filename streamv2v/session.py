@@ -24,7 +24,14 @@ import torch
 from .bank import BankConfig, FeatureBank
 from .errors import StreamV2VError
 from .frames import output_size, processing_size, to_rgb
-from .loading import LoraSpec, StreamModel, default_dtype, load_model, resolve_device
+from .loading import (
+    LoraSpec,
+    StreamModel,
+    check_model_files,
+    default_dtype,
+    load_model,
+    resolve_device,
+)
 from .modes import DEFAULT_ACCEL
 from .stream import StreamConfig, StreamV2V
 
@@ -46,6 +53,16 @@ class ModelSpec:
     def with_lora(self, path: str, weight: float) -> ModelSpec:
         """A new spec with one more style LoRA; this one is left as it is."""
         return replace(self, loras=(*self.loras, LoraSpec(path, weight)))
+
+    def check(self) -> None:
+        """``load``'s checks that read no weights (see ``check_model_files``)."""
+        check_model_files(
+            self.model,
+            lcm_lora=self.lcm_lora,
+            lcm_lora_weight=self.lcm_lora_weight,
+            loras=self.loras,
+            vae=self.vae,
+        )
 
     def load(self) -> StreamModel:
         device = resolve_device(self.device)
@@ -126,6 +143,7 @@ class ModelCache:
         with self._lock:
             if self._spec != spec or self._model is None:
                 if self._model is not None:  # release the old weights before loading new ones
+                    spec.check()  # but first name a wrong pick, keeping the loaded model
                     if self._let_go is not None:
                         self._let_go()
                     self._model = None

@@ -7,6 +7,7 @@ import gc
 import json
 import shutil
 import socket
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -495,3 +496,29 @@ def test_single_file_loading_collects_garbage_a_few_times_at_most(
     load_model(tiny_single_file, config_dir=tiny_diffusers_dir, **CPU32)
     calls = collect.call_count
     assert calls <= 4, f"{calls} full garbage collections while loading one single-file model"
+
+
+def test_a_wrong_pick_is_named_before_the_loaded_model_is_let_go(
+    tiny_diffusers_dir, tiny_lora_kohya, tiny_taesd_dir, tmp_path
+):
+    """A host keeps one model: a wrong file picked next (a LoRA as the model, a truncated
+    download, a missing VAE) is named from its header, and the loaded model stays."""
+    from streamv2v.session import ModelCache, ModelSpec
+
+    let_go = []
+    cache = ModelCache(let_go=lambda: let_go.append(True))
+    good = ModelSpec(str(tiny_diffusers_dir), vae=str(tiny_taesd_dir), dtype="fp32", device="cpu")
+    model = cache.get(good)
+    truncated = tmp_path / "half.safetensors"
+    truncated.write_bytes(tiny_lora_kohya.read_bytes()[:200])
+    wrong = {
+        "is a LoRA, not a model": ModelSpec(str(tiny_lora_kohya)),
+        "damaged or incomplete": ModelSpec(str(truncated)),
+        "does not exist": replace(good, vae=str(tmp_path / "nowhere")),
+        "is a folder": good.with_lora(str(tmp_path), 1.0),
+    }
+    for message, spec in wrong.items():
+        with pytest.raises(StreamV2VError, match=message):
+            cache.get(spec)
+        assert cache.loaded == good and not let_go
+    assert cache.get(good) is model
