@@ -10,20 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import StreamV2VError
-
 
 class SimilarFrameFilter:
+    """A stream's filter; its threshold and ``max_skip`` come checked by ``StreamConfig``,
+    where they enter."""
+
     def __init__(self, threshold: float, max_skip: int, generator: torch.Generator) -> None:
-        if not 0.0 < threshold < 1.0:
-            raise StreamV2VError(
-                f"similar-frame threshold must be a cosine similarity within (0, 1), got "
-                f"{threshold} (StreamDiffusion uses 0.98)"
-            )
-        if not isinstance(max_skip, int) or max_skip < 1:
-            raise StreamV2VError(
-                f"max skipped frames must be a whole number >= 1, got {max_skip!r} (default 10)"
-            )
         self.threshold = threshold
         self.max_skip = max_skip
         self.generator = generator
