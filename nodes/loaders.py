@@ -98,7 +98,6 @@ class StreamV2VLoadModel:
         graph: dict | None = None,
     ) -> tuple[PatchedModel]:
         from ..streamv2v.errors import StreamV2VError
-        from ..streamv2v.loading import LoraSpec, check_lora_file
 
         if lcm_lora == "none" and lcm_lora_strength != 1.0:
             raise StreamV2VError(
@@ -112,10 +111,10 @@ class StreamV2VLoadModel:
             dtype=None if dtype == "auto" else dtype,
             device=comfy.device(),
         )
-        if not feeds_only_loras(graph, unique_id):
+        if feeds_only_loras(graph, unique_id):
+            spec.check()  # the chain's last Load LoRA loads it all; bad files are named here
+        else:
             MODELS.get(spec)  # load now, so a bad file is reported on this node
-        elif spec.lcm_lora is not None:  # the chain's last Load LoRA loads it all
-            check_lora_file(LoraSpec(spec.lcm_lora, lcm_lora_strength), "LCM-LoRA")
         return (PatchedModel(spec),)
 
 
