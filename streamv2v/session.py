@@ -417,6 +417,7 @@ class _Downloads:
 
     def __init__(self, device: torch.device, count: int, skip: int) -> None:
         self.cuda = device.type == "cuda"
+        self.on_host = device.type == "cpu"  # the images need no copy to reach the host
         self.count, self.skip = count, skip
         self.out: torch.Tensor | None = None  # [count, H, W, 3] on the host, made when needed
         self.received = 0  # images that reached the host, skipped ones included
@@ -446,6 +447,8 @@ class _Downloads:
             self._receive()
 
     def _copy(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if self.on_host:  # a chunk's stack is a tensor of its own already
+            return images, None
         host = torch.empty(images.shape, dtype=images.dtype, pin_memory=self.cuda)
         host.copy_(images, non_blocking=self.cuda)
         event = None
@@ -467,14 +470,12 @@ class _Downloads:
         if self.out is None:
             self.out = torch.empty((self.count, *kept.shape[1:]), dtype=kept.dtype)
         done = self.received - self.skip - len(kept)
-        if done + len(kept) > self.count:
-            raise RuntimeError(f"{done + len(kept)} frames came back for {self.count}")
         self.out[done : done + len(kept)] = kept
 
     def latest(self) -> torch.Tensor | None:
         """The newest image already on the host (for previews; never waits for the GPU)."""
-        if not self.cuda:  # the images are on the host already
-            if self.pending:
+        if not self.cuda:  # copies are done when made: the newest on the host is current
+            if self.on_host and self.pending:
                 return self.pending[-1]
             if self.chunks:
                 return self.chunks[-1][1][-1]

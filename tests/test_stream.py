@@ -447,3 +447,16 @@ def test_similar_frame_skip_probability_rises_from_the_threshold_to_one():
         f.previous, f.skipped_in_a_row = first, 0
         skipped += f.should_skip(near)
     assert 0.4 < skipped / 400 < 0.6
+
+
+def test_downloads_from_a_gpu_other_than_cuda_preview_host_copies_only():
+    """On Apple's MPS the images stay on the GPU until copied: a preview, which ComfyUI turns
+    into a JPEG on the host, must be one of the copies, never an image still on the GPU."""
+    images = [torch.full((2, 3, 3), float(i)) for i in range(40)]  # stand-ins for MPS images
+    downloads = session_module._Downloads(torch.device("mps"), count=40, skip=0)
+    for image in images:
+        downloads.add([image])
+        latest = downloads.latest()
+        assert latest is None or not any(latest is image for image in images)
+    assert torch.equal(downloads.latest(), images[-9])  # the newest sent in a chunk of 16
+    assert torch.equal(downloads.finish(), torch.stack(images))
