@@ -27,6 +27,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -133,21 +134,20 @@ def measure(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     # A chunk's end waits for the GPU, once per chunk: negligible against its frames.
-    ends = [frames * (k + 1) // chunks for k in range(chunks)]
+    bounds = [frames * k // chunks for k in range(chunks + 1)]
     chunk_ms, allocated = [], []
     start = chunk_start = time.perf_counter()
-    for i in range(frames):
-        out = stream.push(inputs[i % len(inputs)], to_cpu=False) or out
-        if i + 1 == ends[len(chunk_ms)]:
-            if i + 1 == frames and out:
-                out[-1].cpu()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                allocated.append(torch.cuda.memory_allocated(device) / 2**20)
-            now = time.perf_counter()
-            done = ends[len(chunk_ms)] - (ends[len(chunk_ms) - 1] if chunk_ms else 0)
-            chunk_ms.append(1000 * (now - chunk_start) / done)
-            chunk_start = now
+    for first_frame, end in pairwise(bounds):
+        for i in range(first_frame, end):
+            out = stream.push(inputs[i % len(inputs)], to_cpu=False) or out
+        if end == frames and out:
+            out[-1].cpu()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            allocated.append(torch.cuda.memory_allocated(device) / 2**20)
+        now = time.perf_counter()
+        chunk_ms.append(1000 * (now - chunk_start) / (end - first_frame))
+        chunk_start = now
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     ms = 1000 * elapsed / frames
