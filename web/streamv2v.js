@@ -49,8 +49,12 @@ function addStatus(node) {
   widget.serialize = false; // not in the saved widgets_values: saved workflows stay loadable
 }
 
+function findWidget(node, name) {
+  return node.widgets?.find((w) => w.name === name);
+}
+
 function showStatus(node, text) {
-  const widget = node.widgets?.find((w) => w.name === STATUS);
+  const widget = findWidget(node, STATUS);
   if (!widget) return;
   node.streamv2vAsking = null; // an answer to askBank still on its way is older than this
   widget.value = text;
@@ -58,7 +62,7 @@ function showStatus(node, text) {
 }
 
 function widgetValue(node, name) {
-  return node.widgets?.find((w) => w.name === name)?.value;
+  return findWidget(node, name)?.value;
 }
 
 function bankName(node) {
@@ -130,7 +134,7 @@ async function refreshBanks() {
 // Ask again when the user names another bank or picks another kind; the widget's own callback
 // (the frontend's, or another extension's) still runs first.
 function askOnChange(node, name) {
-  const widget = node.widgets?.find((w) => w.name === name);
+  const widget = findWidget(node, name);
   if (!widget) return;
   const callback = widget.callback;
   widget.callback = function () {
