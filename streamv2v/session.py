@@ -201,6 +201,9 @@ class Session:
     released: bool = False
     runs: int = 0
     notes: list[str] = field(default_factory=list)
+    # What the last run went with, for frames that come without a run of their own (a live
+    # camera, ``run_live``); let go with the model.
+    settings: RunSettings | None = None
     _busy: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _reset_pending: bool = False
 
@@ -244,6 +247,7 @@ class Session:
 
     def release(self) -> None:
         """Let go of the stream (and so of its model); the bank stays."""
+        self.settings = None
         if self.stream is not None:
             self.stream, self.key, self.released = None, None, True
 
@@ -301,6 +305,7 @@ class Session:
                 self.layout,
                 self.mode,
                 self.released,
+                self.settings,
                 # a released stream's bank is kept and refilled by the next stream: save it alone
                 self.stream.checkpoint() if self.stream else self.bank and self.bank.snapshot(),
             )
@@ -308,6 +313,9 @@ class Session:
             try:
                 stream = self._stream_for(model, config, bank_config, each_run, accel, size)
                 stream.on_status = on_status
+                self.settings = RunSettings(
+                    model, config, bank_config, prompt, negative_prompt, accel, tuple(size)
+                )
                 if (prompt, negative_prompt) != (stream.prompt, stream.negative_prompt):
                     stream.set_prompt(prompt, negative_prompt)
                 if count > 1:
@@ -324,7 +332,15 @@ class Session:
                     self.notes.append(stream.accel_note)
             except BaseException as exc:
                 *state, checkpoint = saved
-                self.bank, self.stream, self.key, self.layout, self.mode, self.released = state
+                (
+                    self.bank,
+                    self.stream,
+                    self.key,
+                    self.layout,
+                    self.mode,
+                    self.released,
+                    self.settings,
+                ) = state
                 if self.stream is not None:
                     self.stream.rollback(checkpoint)
                 elif self.bank is not None:
@@ -338,6 +354,36 @@ class Session:
                 raise
             self.runs += 1
             return outputs
+
+    def run_live(
+        self, frame: torch.Tensor, on_status: Callable[[str], None] | None = None
+    ) -> torch.Tensor:
+        """One more frame of the stream, with the last run's settings: a live camera sends
+        frames faster than a host can queue a run for each, so they come without settings.
+
+        The frame must have the size the last run's frames had (``settings.size``): another
+        size would start a new bank behind the caller's back.
+        """
+        settings = self.settings
+        if settings is None:
+            raise StreamV2VError(
+                f"bank '{self.name}' has no stream to continue (the model was released, or no "
+                "run used this bank yet): run the workflow once, then go live"
+            )
+        frame = to_rgb(frame, "the live frame")
+        if tuple(frame.shape[:2]) != settings.size:
+            raise FrameSizeError(tuple(frame.shape[:2]), settings.size)
+        return self.run(
+            settings.model,
+            settings.config,
+            settings.bank_config,
+            settings.prompt,
+            settings.negative_prompt,
+            frame[None],
+            "continue stream",
+            accel=settings.accel,
+            on_status=on_status,
+        )[0]
 
     def _stream_for(
         self,
@@ -545,6 +591,31 @@ class SessionRegistry:
 
     def clear(self) -> None:
         self._sessions.clear()
+
+
+class FrameSizeError(StreamV2VError):
+    """A live frame whose size is not the stream's: the stream's frames changed size (a run
+    with other frames), so the sender should send ``size`` (height, width) from now on."""
+
+    def __init__(self, got: tuple[int, int], size: tuple[int, int]) -> None:
+        (h, w), (sh, sw) = got, size
+        super().__init__(
+            f"the live frame is {w}x{h}, the stream's frames are {sw}x{sh}: send frames of the "
+            "stream's size"
+        )
+        self.size = size
+
+
+class RunSettings(NamedTuple):
+    """What a run of a session went with, apart from its frames."""
+
+    model: StreamModel
+    config: StreamConfig
+    bank_config: BankConfig
+    prompt: str
+    negative_prompt: str
+    accel: str
+    size: tuple[int, int]  # the frames' (height, width)
 
 
 class BankLayout(NamedTuple):

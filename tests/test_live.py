@@ -1,0 +1,199 @@
+"""The live loop: frames from a connection continue a session's stream, one answer each."""
+
+import io
+import re
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import streamv2v.live as live_module
+from streamv2v.bank import BankConfig
+from streamv2v.errors import StreamV2VError
+from streamv2v.live import LiveLoop, decode_image, encode_jpeg
+from streamv2v.session import Session
+from streamv2v.stream import StreamConfig
+
+TIMEOUT = 60.0
+
+
+def frames(count, width=32, height=24, seed=0):
+    """uint8 camera frames that move a little from one to the next."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(height, width, 3, generator=g)
+    return [((base + 0.05 * i) % 1 * 255).round().to(torch.uint8) for i in range(count)]
+
+
+def png(frame: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(frame.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Answers:
+    """What a loop sends, as a connection would receive it."""
+
+    def __init__(self) -> None:
+        self.messages: list = []
+        self.changed = threading.Condition()
+
+    def __call__(self, message) -> None:
+        with self.changed:
+            self.messages.append(message)
+            self.changed.notify_all()
+
+    def answers(self) -> list:
+        """The answers to frames: images and size notes, not status lines."""
+        return [m for m in self.messages if not (isinstance(m, dict) and m["type"] == "status")]
+
+    def wait(self, count: int) -> list:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.answers()) >= count, TIMEOUT), (
+                self.messages
+            )
+        return self.answers()
+
+
+def started(model, name="live", frame=None) -> Session:
+    """A session after one queued run (a webcam frame), as a live camera finds it."""
+    session = Session(name)
+    first = frames(1, seed=9)[0] if frame is None else frame
+    session.run(model, StreamConfig(), BankConfig(), "a painting", "", first[None])
+    return session
+
+
+def test_live_frames_continue_the_last_runs_stream(tiny_model_taesd):
+    """Each frame gets its restyled frame back, in order, exactly what a queued run per frame
+    gives (a second session run the slow way), and the bank goes on filling."""
+    camera = frames(6)
+    reference = started(tiny_model_taesd, "reference")
+    expected = [
+        encode_jpeg(reference.run(*reference.settings[:5], frame[None])[0]) for frame in camera
+    ]
+    session = started(tiny_model_taesd)
+    answers = Answers()
+    loop = LiveLoop(session, answers, describe=lambda: "bank text")
+    for frame in camera:
+        loop.offer(png(frame))
+        answers.wait(loop.frames_out + 1)  # one in flight at a time, as the browser may
+    loop.close()
+    loop.join(TIMEOUT)
+    assert answers.answers() == expected
+    assert session.stream._next_index == 7
+    assert session.mode == "live"
+    assert not loop._thread.is_alive()
+
+
+def test_a_frame_of_another_size_is_answered_with_the_streams_size(tiny_model_taesd):
+    session = started(tiny_model_taesd)
+    answers = Answers()
+    loop = LiveLoop(session, answers)
+    loop.offer(png(frames(1, width=40, height=24)[0]))
+    loop.offer(png(frames(1)[0]))
+    first, second = answers.wait(2)
+    assert first == {"type": "size", "width": 32, "height": 24}
+    assert decode_image(second).shape == (24, 32, 3)
+    assert not loop.closed  # the sender scales its frames and goes on
+    loop.close()
+
+
+def test_status_comes_with_the_frame_rate_and_the_banks_text(tiny_model_taesd, monkeypatch):
+    monkeypatch.setattr(live_module, "STATUS_EVERY_S", 0.0)
+    session = started(tiny_model_taesd)
+    answers = Answers()
+    loop = LiveLoop(session, answers, describe=lambda: "bank 'live': 2 updates")
+    loop.offer(png(frames(1)[0]))
+    answers.wait(1)
+    loop.close()
+    loop.join(TIMEOUT)
+    status = [m for m in answers.messages if isinstance(m, dict) and m["type"] == "status"]
+    assert status[-1]["text"] == "bank 'live': 2 updates"
+    assert status[-1]["fps"] > 0
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("not an image", r"a live frame of 12 bytes is not an image .*: send JPEG or PNG frames"),
+        ("no run", r"bank 'live' has no stream to continue .*: run the workflow once, then go .*"),
+        ("released", r"bank 'live' has no stream to continue \(the model was released.*"),
+    ],
+)
+def test_a_failing_frame_ends_the_loop_with_its_message(tiny_model_taesd, case, message):
+    session = Session("live") if case == "no run" else started(tiny_model_taesd)
+    if case == "released":
+        session.release()  # Unload Models, or Free Memory, between two frames
+    answers = Answers()
+    loop = LiveLoop(session, answers)
+    loop.offer(b"not a jpeg.." if case == "not an image" else png(frames(1)[0]))
+    (error,) = answers.wait(1)
+    assert error["type"] == "error"
+    assert re.fullmatch(message, error["text"]), error["text"]
+    loop.join(TIMEOUT)
+    assert loop.closed and not loop._thread.is_alive()
+    loop.offer(png(frames(1)[0]))  # a frame after the end is dropped, not queued
+    assert loop._frames.qsize() == 0
+
+
+def test_a_sender_that_does_not_wait_for_answers_is_stopped(monkeypatch):
+    """Frames beyond the few a sender may keep in flight would only age in the queue."""
+    session = Session("live")
+    running = threading.Event()
+    release = threading.Event()
+
+    def slow(frame, on_status=None):
+        running.set()
+        release.wait(TIMEOUT)
+        return torch.zeros(24, 32, 3)
+
+    monkeypatch.setattr(session, "run_live", slow)
+    answers = Answers()
+    loop = LiveLoop(session, answers)
+    data = png(frames(1)[0])
+    loop.offer(data)
+    assert running.wait(TIMEOUT)
+    for _ in range(live_module.MAX_WAITING + 1):
+        loop.offer(data)
+    release.set()
+    loop.join(TIMEOUT)
+    errors = [m for m in answers.messages if isinstance(m, dict) and m["type"] == "error"]
+    assert errors == [
+        {
+            "type": "error",
+            "text": "4 live frames were waiting: a sender keeps at most two frames without an "
+            "answer",
+        }
+    ]
+    assert loop.closed
+
+
+def test_a_failed_live_frame_leaves_the_stream_and_the_settings_as_they_were(
+    tiny_model_taesd, monkeypatch
+):
+    session = started(tiny_model_taesd)
+    settings, stream, index = session.settings, session.stream, session.stream._next_index
+    monkeypatch.setattr(stream, "_push", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        session.run_live(frames(1)[0])
+    assert session.settings is settings
+    assert session.stream is stream and stream._next_index == index
+
+
+def test_images_round_trip_through_the_codecs():
+    frame = frames(1)[0]
+    assert torch.equal(decode_image(png(frame)), frame)
+    rgba = Image.fromarray(np.dstack([frame.numpy(), np.full((24, 32), 255, np.uint8)]))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    assert torch.equal(decode_image(buffer.getvalue()), frame)  # alpha dropped
+    ramp = torch.linspace(0, 1, 32)
+    smooth = torch.stack(
+        [ramp.expand(24, 32), ramp.flip(0).expand(24, 32), torch.full((24, 32), 0.5)], -1
+    )
+    jpeg = encode_jpeg(smooth)
+    assert jpeg[:2] == b"\xff\xd8"  # a JPEG, as small as the browser can draw at once
+    assert (decode_image(jpeg).float() / 255 - smooth).abs().max() < 0.05
+    with pytest.raises(StreamV2VError, match="not an image"):
+        decode_image(b"")
