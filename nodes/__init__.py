@@ -7,6 +7,7 @@ pack's routes and hooks ComfyUI's memory manager.
 from .bank import StreamV2VFeatureBank
 from .consistency import StreamV2VTemporalConsistency
 from .free import StreamV2VFree, add_routes, hook_free_memory
+from .live import add_live_route
 from .loaders import StreamV2VLoadLoRA, StreamV2VLoadModel, StreamV2VPatchAttention
 from .sampler import StreamV2VSampler
 from .state import log
@@ -36,5 +37,6 @@ except ImportError:
     pass
 else:
     add_routes()
+    add_live_route()
     hook_free_memory()
     log.info("StreamV2V: routes added, ComfyUI's memory manager releases the pack's model")

@@ -205,15 +205,19 @@ def set_inputs(prompt: dict[str, dict], class_type: str, **values: Any) -> None:
 _WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-class _WebSocketReader:
-    """Reads ComfyUI's websocket in a thread so the server never waits on an unread socket.
+class WebSocket:
+    """A websocket read in a thread so the server never waits on an unread socket.
 
-    Text messages are kept in arrival order (binary ones are previews: dropped); readers
-    wait on ``changed``.
+    Messages are kept in arrival order: text ones parsed as JSON, binary ones as bytes with
+    ``binary`` (ComfyUI's /ws sends previews as binary: dropped without); readers wait on
+    ``changed``.
     """
 
-    def __init__(self, host: str, port: int, path: str, timeout: float = 30.0) -> None:
-        self.messages: list[dict[str, Any]] = []
+    def __init__(
+        self, host: str, port: int, path: str, timeout: float = 30.0, binary: bool = False
+    ) -> None:
+        self.messages: list[dict[str, Any] | bytes] = []
+        self.binary = binary
         self.changed = threading.Condition()
         self.closed = False
         self._sock = socket.create_connection((host, port), timeout=timeout)
@@ -293,8 +297,9 @@ class _WebSocketReader:
                     kind, parts = opcode, []
                 if opcode in (0x0, 0x1, 0x2):
                     parts.append(payload)
-                    if final and kind == 0x1:
-                        message = json.loads(b"".join(parts).decode("utf-8"))
+                    if final and (kind == 0x1 or self.binary):
+                        data = b"".join(parts)
+                        message = json.loads(data.decode("utf-8")) if kind == 0x1 else data
                         with self.changed:
                             self.messages.append(message)
                             self.changed.notify_all()
@@ -305,7 +310,18 @@ class _WebSocketReader:
                 self.closed = True
                 self.changed.notify_all()
 
+    def send_bytes(self, data: bytes) -> None:
+        self._send(0x2, data)
+
+    def wait(self, count: int, timeout: float = 120.0) -> list[dict[str, Any] | bytes]:
+        """The first ``count`` messages, once they came (fewer if the server closed)."""
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.messages) >= count or self.closed, timeout)
+            return self.messages[:count]
+
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._send(0x8, b"")  # a close frame: the server ends its side at once
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
@@ -387,7 +403,7 @@ class ComfyServer:
         self.client_id = uuid.uuid4().hex
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.base_dir / "server.log"
-        self._ws: _WebSocketReader | None = None
+        self._ws: WebSocket | None = None
 
     @property
     def url(self) -> str:
@@ -435,7 +451,7 @@ class ComfyServer:
             )
         try:
             self._wait_ready()
-            self._ws = _WebSocketReader("127.0.0.1", self.port, f"/ws?clientId={self.client_id}")
+            self._ws = WebSocket("127.0.0.1", self.port, f"/ws?clientId={self.client_id}")
         except BaseException:
             self.stop()
             raise
@@ -499,6 +515,10 @@ class ComfyServer:
     def object_info(self) -> dict[str, Any]:
         """Every node class the server knows, with its inputs and outputs."""
         return self.get("/object_info")
+
+    def websocket(self, path: str) -> WebSocket:
+        """A websocket to one of the pack's routes, keeping binary messages too."""
+        return WebSocket("127.0.0.1", self.port, path, binary=True)
 
     def upload(self, data: bytes, name: str, *, subfolder: str = "", kind: str = "input") -> str:
         """Upload a file as the frontend does; return the value a node's combo expects.

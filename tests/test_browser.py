@@ -67,7 +67,7 @@ RUN_TIMEOUT_MS = 180_000  # a queued run (the first one loads the model)
 UI_TIMEOUT_MS = 30_000
 LOADER, BANK, SAMPLER = "StreamV2VLoadModel", "StreamV2VFeatureBank", "StreamV2VSampler"
 OUR_NODES = (LOADER, "StreamV2VPatchAttention", BANK, SAMPLER)
-STATUS, RESET = "streamv2v_status", "Reset bank"
+STATUS, RESET, LIVE_BUTTON = "streamv2v_status", "Reset bank", "Live camera"
 MISSING_MODELS_SETTING = "Comfy.Workflow.ShowMissingModelsWarning"
 NODES_2_0_SETTING = "Comfy.VueNodes.Enabled"  # "Modern Node Design (Nodes 2.0)"
 SIDE_PANEL_SETTING = "Comfy.RightSidePanel.IsOpen"  # the selected node's widgets again (not 1.27)
@@ -378,6 +378,35 @@ def test_webcam_stream_grows_the_bank_and_reset_empties_it(page: Page, server) -
 
     third = page.run()
     assert frames_in(third) == 1  # a new stream
+    assert page.ours() == []
+
+
+def test_live_camera_streams_frames_on_the_sampler_without_queued_runs(page: Page, server) -> None:
+    """ "Live camera" after one run: the browser's camera goes straight to the bank's stream and
+    the restyled frames show on the sampler, many a second, until the button stops it."""
+    bank = f"browser-{uuid.uuid4().hex[:8]}"
+    page.load_template()
+    page.prepare(bank)
+    page.run()  # the settings the live camera goes on with
+    page.click_widget(SAMPLER, LIVE_BUTTON)
+    page.page.wait_for_function(
+        f"() => /^live: [0-9.]+ frames\\/s, ([3-9]\\d|\\d{{3,}}) frames\\n/"
+        f".test(t.status('{SAMPLER}') ?? '')",
+        timeout=RUN_TIMEOUT_MS,
+    )
+    live = page.status(SAMPLER)
+    view = page.js(
+        f"() => {{ const e = t.widget('{SAMPLER}', 'streamv2v_live').element;"
+        " return [e.src, e.naturalWidth, e.naturalHeight, e.getBoundingClientRect().height]; }"
+    )
+    assert view[0].startswith("blob:") and view[1:3] == [64, 48] and view[3] > 50, view
+    assert f"bank '{bank}'" in live, live
+    page.click_widget(SAMPLER, LIVE_BUTTON)  # now labelled "Stop live camera"
+    page.page.wait_for_function(f"() => t.status('{SAMPLER}').startsWith('live stopped')")
+    stats = server.get("/streamv2v/banks")[bank]
+    # one queued run, the rest live; a frame sent before the stop may still be under way
+    assert stats["runs"] > 30 and 0 <= stats["frames_in"] - stats["runs"] <= 1, stats
+    print(f"\n{live.splitlines()[0]}")  # the rate this machine reached
     assert page.ours() == []
 
 

@@ -413,6 +413,49 @@ def test_webcam_stream_continues_across_runs(
     assert "no effect with cfg type 'none'" in result.error["exception_message"]
 
 
+def test_live_camera_continues_the_last_runs_stream(
+    server: ComfyServer, object_info: dict[str, Any]
+) -> None:
+    """What the sampler's "Live camera" button does: after one queued run, frames sent over the
+    pack's websocket continue that run's stream, one restyled frame back for each."""
+    route = "/streamv2v/live?name=test-live"
+    early = server.websocket(route)
+    (error,) = early.wait(1)
+    assert error["type"] == "error" and "run the workflow once, then go live" in error["text"]
+    early.close()
+
+    prompt = api_prompt("streamv2v_webcam.json", object_info, bank="test-live")
+    image = server.upload(png(1), "live.png", subfolder="webcam", kind="temp")
+    prompt[the(prompt, "WebcamCapture")]["inputs"]["image"] = image
+    succeeded(server.run(prompt), server)
+
+    live = server.websocket(route)
+    (ready,) = live.wait(1)
+    assert (ready["type"], ready["width"], ready["height"]) == ("ready", WIDTH, HEIGHT), ready
+    second = server.websocket(route)  # another tab: one camera per bank
+    assert "is live already" in second.wait(1)[0]["text"]
+    second.close()
+    for index in range(2, 7):  # one frame out at a time
+        live.send_bytes(png(index))
+        answers = [m for m in live.wait(index) if isinstance(m, bytes)]
+        assert len(answers) == index - 1, live.messages[-3:]
+        assert Image.open(io.BytesIO(answers[-1])).size == (WIDTH, HEIGHT)
+    stats = bank_stats(server, "test-live")
+    assert (stats["runs"], stats["frames_in"]) == (6, 6), stats
+    live.send_bytes(png(7, WIDTH * 2, HEIGHT))
+    assert {"type": "size", "width": WIDTH, "height": HEIGHT} in live.wait(7)
+
+    assert server.post("/streamv2v/free")[1] == {"released": True}
+    live.send_bytes(png(8))
+    error = live.wait(8)[-1]
+    assert error["type"] == "error" and "the model was released" in error["text"], error
+    assert live.wait(9) and live.closed  # the server ended the connection
+    live.close()
+    again = server.websocket(route)  # the bank is free for a camera again, but has no model
+    assert "run the workflow once, then go live" in again.wait(1)[0]["text"]
+    again.close()
+
+
 def test_two_samplers_on_one_bank_name_from_string_nodes_are_refused(
     server: ComfyServer, object_info: dict[str, Any]
 ) -> None:

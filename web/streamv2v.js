@@ -144,6 +144,131 @@ function askOnChange(node, name) {
   };
 }
 
+// The live camera. A queued run per webcam frame (Run (Instant)) pays ComfyUI's own work around
+// every run; "Live camera" on a sampler streams this browser's camera to the server instead
+// (nodes/live.py), which continues the stream of the sampler's last run on its bank with that
+// run's settings, and shows each restyled frame on the node. Two frames at most are out at a
+// time, so the camera's frames never queue up behind the GPU: the rest are not sent.
+const LIVE = "streamv2v_live";
+const IN_FLIGHT = 2;
+
+// The bank the sampler's next run would use: its Feature Bank node's name, or the one its last
+// run reported (a name that comes from another node).
+function samplerBank(node) {
+  const slot = node.findInputSlot?.("bank") ?? -1;
+  const source = slot >= 0 ? node.getInputNode?.(slot) : null;
+  if (source?.comfyClass === BANK) return bankName(source).trim();
+  return node.streamv2vBank ?? "";
+}
+
+function liveView(node) {
+  let widget = findWidget(node, LIVE);
+  if (!widget) {
+    const image = document.createElement("img");
+    image.alt = "live output";
+    image.style.cssText = "width:100%;height:100%;object-fit:contain;background:rgba(0,0,0,0.25)";
+    widget = node.addDOMWidget(LIVE, LIVE, image, {
+      serialize: false,
+      hideInPanel: true,
+      getMinHeight: () => 192,
+    });
+    widget.serialize = false;
+    node.setSize([node.size[0], node.computeSize()[1]]);
+  }
+  return widget.element;
+}
+
+function liveURL(name) {
+  const route = api.apiURL(`/streamv2v/live?${new URLSearchParams({ name })}`);
+  return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}${route}`;
+}
+
+async function openCamera(width, height) {
+  const stream = await navigator.mediaDevices.getUserMedia({
+    video: { width: { ideal: width }, height: { ideal: height } },
+    audio: false,
+  });
+  const video = document.createElement("video");
+  video.muted = true;
+  video.playsInline = true;
+  video.srcObject = stream;
+  await video.play();
+  return video;
+}
+
+// End the node's live camera (``live``: only if it is still that one, not a later one).
+function stopLive(node, text, live = node.streamv2vLive) {
+  if (!live || node.streamv2vLive !== live) return;
+  node.streamv2vLive = null;
+  live.stopped = true;
+  live.socket.close();
+  live.video?.srcObject?.getTracks().forEach((track) => track.stop());
+  findWidget(node, "Live camera").label = "Live camera";
+  if (text) showStatus(node, text);
+  node.setDirtyCanvas?.(true, true);
+}
+
+function startLive(node) {
+  const name = samplerBank(node);
+  if (!name) {
+    showStatus(node, "live: connect a Feature Bank and run the workflow once first");
+    return;
+  }
+  const live = { socket: new WebSocket(liveURL(name)), inFlight: 0, frames: 0, stopped: false };
+  node.streamv2vLive = live;
+  findWidget(node, "Live camera").label = "Stop live camera";
+  showStatus(node, `live: connecting to bank '${name}'`);
+  const canvas = document.createElement("canvas");
+  const image = liveView(node);
+  const send = () => {
+    if (live.stopped || live.inFlight >= IN_FLIGHT) return;
+    live.inFlight += 1;
+    canvas.getContext("2d").drawImage(live.video, 0, 0, canvas.width, canvas.height);
+    canvas.toBlob((blob) => live.stopped || live.socket.send(blob), "image/jpeg", 0.9);
+  };
+  const tick = () => {
+    if (live.stopped) return;
+    send();
+    live.video.requestVideoFrameCallback(tick);
+  };
+  live.socket.onmessage = async (event) => {
+    if (live.stopped) return;
+    if (event.data instanceof Blob) {
+      live.inFlight -= 1;
+      live.frames += 1;
+      const previous = image.src;
+      image.src = URL.createObjectURL(event.data);
+      if (previous.startsWith("blob:")) URL.revokeObjectURL(previous);
+      send();
+      return;
+    }
+    const message = JSON.parse(event.data);
+    if (message.type === "error") {
+      stopLive(node, `live stopped: ${message.text}`, live);
+    } else if (message.type === "ready" || message.type === "size") {
+      if (message.type === "size") live.inFlight -= 1;
+      canvas.width = message.width;
+      canvas.height = message.height;
+      if (live.video) return;
+      try {
+        live.video = await openCamera(message.width, message.height);
+        if (live.stopped) live.video.srcObject.getTracks().forEach((track) => track.stop());
+      } catch (error) {
+        const where = "the browser allows a camera only on localhost or over https";
+        stopLive(node, `live: no camera (${error.message}); ${where}`, live);
+        return;
+      }
+      showStatus(node, `live: bank '${name}', ${message.width}x${message.height}\n${message.text}`);
+      tick();
+    } else if (message.type === "status") {
+      const rate = message.fps ? `${message.fps.toFixed(1)} frames/s, ` : "";
+      showStatus(node, `live: ${rate}${live.frames} frames\n${message.text}`);
+    }
+  };
+  live.socket.onclose = () => stopLive(node, `live stopped after ${live.frames} frames`, live);
+  live.socket.onerror = () => stopLive(node, "live: the connection to ComfyUI failed", live);
+}
+
 app.registerExtension({
   name: "StreamV2V.Nodes",
   setup() {
@@ -165,6 +290,21 @@ app.registerExtension({
         button.serialize = false;
         askOnChange(this, "name");
         askOnChange(this, "kind");
+      }
+      if (nodeData.name === SAMPLER) {
+        const button = this.addWidget(
+          "button",
+          "Live camera",
+          null,
+          () => (this.streamv2vLive ? stopLive(this, "live stopped") : startLive(this)),
+          { serialize: false },
+        );
+        button.serialize = false;
+        const onRemoved = this.onRemoved;
+        this.onRemoved = function () {
+          stopLive(this);
+          return onRemoved?.apply(this, arguments);
+        };
       }
       addStatus(this);
       this.setSize(this.computeSize());
