@@ -198,3 +198,35 @@ def test_kernel_time_is_summed_per_kind_and_frame():
     assert rows["all kernels"] == ["1.50", "0.75"]
     assert rows["kernels per frame"] == ["3", "15"]
     assert "attention" not in rows and "other" not in rows  # kinds no frame had are left out
+
+
+def test_live_bench_times_the_live_loop_and_its_parts(tiny_diffusers_dir, tiny_taesd_dir, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "live.py"
+    spec = importlib.util.spec_from_file_location("live_bench", path)
+    live_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(live_bench)
+    argv = ["--model", str(tiny_diffusers_dir), "--vae", str(tiny_taesd_dir), "--device", "cpu"]
+    argv += ["--width", "40", "--height", "24", "--frames", "6", "--warmup", "2", "--accel", "off"]
+    assert live_bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "accel off   40x24, 4 steps, DyMe bank" in out
+    loop = re.search(
+        r"^live loop: 6 frames in ([\d.]+) s = ([\d.]+) frames/s \(([\d.]+) ms per frame, "
+        r"2 in flight\)$",
+        out,
+        re.M,
+    )
+    seconds, rate, ms = map(float, loop.groups())
+    assert abs(rate * seconds / 6 - 1) < 0.01 and abs(rate * ms / 1000 - 1) < 0.01
+    parts = re.search(
+        r"^per frame, medians of 6: decode ([\d.]+) ms, stream frame \(run_live\) ([\d.]+) ms, "
+        r"encode ([\d.]+) ms$",
+        out,
+        re.M,
+    )
+    assert all(float(x) > 0 for x in parts.groups())
+    assert live_bench.main(argv + ["--in-flight", "0"]) == 1
+    assert "--in-flight must be at least 1" in capsys.readouterr().err
