@@ -82,7 +82,8 @@ class StreamV2VSampler:
         "frames once the stream is full (before that, the current frame finished early); right "
         "after a batch, a single frame is a video's last chunk and comes out in step. A change "
         "of frame size, model, steps, or to or from CFG initialize/full starts a new bank, and the "
-        "node says so."
+        "node says so. After one run, 'Live camera' streams this browser's camera straight into "
+        "the stream with that run's settings, at camera rate, and shows the output on the node."
     )
     CATEGORY = "StreamV2V"
     FUNCTION = "sample"
