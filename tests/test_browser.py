@@ -613,4 +613,15 @@ def test_nodes_2_0_show_the_status_and_the_reset_button(browser: Any, server) ->
             node_id = tab.js("(type) => t.node(type).id", node_type)
             box = tab.page.locator(f'[data-node-id="{node_id}"] textarea').last
             assert box.get_attribute("readonly") is not None, node_type
+        sampler = tab.page.locator(f'[data-node-id="{tab.js(f"() => t.node({SAMPLER!r}).id")}"]')
+        sampler.get_by_role("button", name=LIVE_BUTTON, exact=True).click()
+        tab.page.wait_for_function(
+            f"() => /^live: [0-9.]+ frames\\/s, ([3-9]|\\d\\d+) frames\\n/"
+            f".test(t.status('{SAMPLER}') ?? '')",
+            timeout=RUN_TIMEOUT_MS,
+        )
+        live = sampler.locator('img[alt="live output"]')
+        assert live.is_visible() and live.get_attribute("src").startswith("blob:")
+        sampler.get_by_role("button", name=re.compile(LIVE_BUTTON, re.I)).click()
+        tab.page.wait_for_function(f"() => t.status('{SAMPLER}').startsWith('live stopped')")
         assert tab.ours() == []
