@@ -13,7 +13,7 @@ import asyncio
 
 from ..streamv2v.errors import StreamV2VError
 from ..streamv2v.live import MAX_FRAME_BYTES, LiveLoop
-from ..streamv2v.session import validate_bank_name
+from ..streamv2v.session import RunSettings, Session, no_live_stream, validate_bank_name
 from .bank import describe
 from .state import SESSIONS
 
@@ -21,20 +21,19 @@ from .state import SESSIONS
 LIVE: dict[str, LiveLoop] = {}
 
 
-def live_session(name: str):
-    """The session a live camera may continue, or the reason it may not."""
+def live_session(name: str) -> tuple[Session, RunSettings]:
+    """The session a live camera may continue and the settings it goes on with, or the reason
+    it may not."""
     name = validate_bank_name(name)
     session = SESSIONS.find(name)
-    if session is None or session.settings is None:
-        raise StreamV2VError(
-            f"bank '{name}' has no stream to continue (no run used it since ComfyUI started, or "
-            "its model was released): run the workflow once, then go live"
-        )
+    if session is None:
+        raise no_live_stream(name)
+    settings = session.live_settings()
     if name in LIVE:
         raise StreamV2VError(
             f"bank '{name}' is live already (in another tab or window): stop it there first"
         )
-    return session
+    return session, settings
 
 
 def add_live_route() -> None:
@@ -46,7 +45,7 @@ def add_live_route() -> None:
         ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES)
         await ws.prepare(request)
         try:
-            session = live_session(request.query.get("name", ""))
+            session, settings = live_session(request.query.get("name", ""))
         except StreamV2VError as exc:
             await ws.send_json({"type": "error", "text": str(exc)})
             await ws.close()
@@ -59,7 +58,7 @@ def add_live_route() -> None:
             lambda message: loop.call_soon_threadsafe(outbox.put_nowait, message),
             describe=lambda: describe(name),
         )
-        height, width = session.settings.size
+        height, width = settings.size
         await ws.send_json(
             {"type": "ready", "width": width, "height": height, "text": describe(name)}
         )

@@ -355,6 +355,12 @@ class Session:
             self.runs += 1
             return outputs
 
+    def live_settings(self) -> RunSettings:
+        """The settings live frames go on with: the last run's, while its model is loaded."""
+        if self.settings is None:
+            raise no_live_stream(self.name)
+        return self.settings
+
     def run_live(
         self, frame: torch.Tensor, on_status: Callable[[str], None] | None = None
     ) -> torch.Tensor:
@@ -364,12 +370,7 @@ class Session:
         The frame must have the size the last run's frames had (``settings.size``): another
         size would start a new bank behind the caller's back.
         """
-        settings = self.settings
-        if settings is None:
-            raise StreamV2VError(
-                f"bank '{self.name}' has no stream to continue (the model was released, or no "
-                "run used this bank yet): run the workflow once, then go live"
-            )
+        settings = self.live_settings()
         frame = to_rgb(frame, "the live frame")
         if tuple(frame.shape[:2]) != settings.size:
             raise FrameSizeError(tuple(frame.shape[:2]), settings.size)
@@ -591,6 +592,13 @@ class SessionRegistry:
 
     def clear(self) -> None:
         self._sessions.clear()
+
+
+def no_live_stream(name: str) -> StreamV2VError:
+    return StreamV2VError(
+        f"bank '{name}' has no stream to continue (no run used it since the host started, or its "
+        "model was released): run the workflow once, then go live"
+    )
 
 
 class FrameSizeError(StreamV2VError):

@@ -448,7 +448,7 @@ def test_live_camera_continues_the_last_runs_stream(
     assert server.post("/streamv2v/free")[1] == {"released": True}
     live.send_bytes(png(8))
     error = live.wait(8)[-1]
-    assert error["type"] == "error" and "the model was released" in error["text"], error
+    assert error["type"] == "error" and "model was released" in error["text"], error
     assert live.wait(9) and live.closed  # the server ended the connection
     live.close()
     again = server.websocket(route)  # the bank is free for a camera again, but has no model
