@@ -401,6 +401,15 @@ def test_live_camera_streams_frames_on_the_sampler_without_queued_runs(page: Pag
     )
     assert view[0].startswith("blob:") and view[1:3] == [64, 48] and view[3] > 50, view
     assert f"bank '{bank}'" in live, live
+    with page.page.expect_popup() as opened:  # the view alone, for a streaming program
+        page.page.locator('img[alt="live output"]').click()
+    window = opened.value
+    window.wait_for_function(
+        "() => { const e = document.querySelector('img'); return e?.src.startsWith('blob:') "
+        "&& e.naturalWidth === 64 && e.getBoundingClientRect().width > 100; }"
+    )
+    first = window.evaluate("() => document.querySelector('img').src")
+    window.wait_for_function("(first) => document.querySelector('img').src !== first", arg=first)
     page.click_widget(SAMPLER, LIVE_BUTTON)  # now labelled "Stop live camera"
     page.page.wait_for_function(f"() => t.status('{SAMPLER}').startsWith('live stopped')")
     stats = server.get("/streamv2v/banks")[bank]

@@ -167,6 +167,8 @@ function liveView(node) {
     const image = document.createElement("img");
     image.alt = "live output";
     image.style.cssText = "width:100%;height:100%;object-fit:contain;background:rgba(0,0,0,0.25)";
+    image.title = "Click: the live view in a window of its own (for a screen capture, e.g. OBS)";
+    image.addEventListener("click", () => popOut(node, image));
     widget = node.addDOMWidget(LIVE, LIVE, image, {
       serialize: false,
       hideInPanel: true,
@@ -176,6 +178,26 @@ function liveView(node) {
     node.setSize([node.size[0], node.computeSize()[1]]);
   }
   return widget.element;
+}
+
+// The live view alone in a window, which a streaming program can capture; it follows the node's.
+function popOut(node, image) {
+  const [width, height] = [image.naturalWidth || 512, image.naturalHeight || 384];
+  const scale = Math.max(1, 256 / width); // a tiny test frame still gets a usable window
+  const size = `width=${Math.round(width * scale)},height=${Math.round(height * scale)}`;
+  const view = window.open("", `streamv2v-live-${node.id}`, `popup,${size}`);
+  if (!view) {
+    showStatus(node, "live: the browser blocked the window: allow pop-ups for ComfyUI");
+    return;
+  }
+  view.document.title = "StreamV2V live";
+  view.document.body.style.cssText = "margin:0;background:#000;overflow:hidden";
+  const copy = view.document.createElement("img");
+  copy.alt = "live output";
+  copy.style.cssText = "width:100vw;height:100vh;object-fit:contain";
+  copy.src = image.src;
+  view.document.body.replaceChildren(copy);
+  node.streamv2vWindow = copy;
 }
 
 function liveURL(name) {
@@ -214,7 +236,13 @@ function startLive(node) {
     showStatus(node, "live: connect a Feature Bank and run the workflow once first");
     return;
   }
-  const live = { socket: new WebSocket(liveURL(name)), inFlight: 0, frames: 0, stopped: false };
+  const live = {
+    socket: new WebSocket(liveURL(name)),
+    inFlight: 0,
+    frames: 0,
+    urls: [],
+    stopped: false,
+  };
   node.streamv2vLive = live;
   findWidget(node, "Live camera").label = "Stop live camera";
   showStatus(node, `live: connecting to bank '${name}'`);
@@ -236,10 +264,13 @@ function startLive(node) {
     if (event.data instanceof Blob) {
       live.inFlight -= 1;
       live.frames += 1;
-      const previous = image.src;
-      image.src = URL.createObjectURL(event.data);
-      if (previous.startsWith("blob:")) URL.revokeObjectURL(previous);
-      send();
+      const url = URL.createObjectURL(event.data);
+      image.src = url;
+      const view = node.streamv2vWindow;
+      if (view?.ownerDocument.defaultView && !view.ownerDocument.defaultView.closed) view.src = url;
+      // Revoked a frame later, once the pop-out's copy has surely loaded it too.
+      live.urls.push(url);
+      if (live.urls.length > 2) URL.revokeObjectURL(live.urls.shift());
       return;
     }
     const message = JSON.parse(event.data);
