@@ -298,16 +298,10 @@ class Session:
             raise StreamV2VError("the image batch has no frames: connect at least one image")
         size = to_rgb(frames[0], "the first image").shape[:2]
         with self._running():
-            saved = (
-                self.bank,
-                self.stream,
-                self.key,
-                self.layout,
-                self.mode,
-                self.released,
-                self.settings,
-                # a released stream's bank is kept and refilled by the next stream: save it alone
-                self.stream.checkpoint() if self.stream else self.bank and self.bank.snapshot(),
+            saved = [getattr(self, name) for name in ROLLED_BACK]
+            # a released stream's bank is kept and refilled by the next stream: save it alone
+            checkpoint = (
+                self.stream.checkpoint() if self.stream else self.bank and self.bank.snapshot()
             )
             self.notes = []
             try:
@@ -331,16 +325,8 @@ class Session:
                 if stream.accel_note:  # read after the frames: compiling may have failed on them
                     self.notes.append(stream.accel_note)
             except BaseException as exc:
-                *state, checkpoint = saved
-                (
-                    self.bank,
-                    self.stream,
-                    self.key,
-                    self.layout,
-                    self.mode,
-                    self.released,
-                    self.settings,
-                ) = state
+                for name, value in zip(ROLLED_BACK, saved, strict=True):
+                    setattr(self, name, value)
                 if self.stream is not None:
                     self.stream.rollback(checkpoint)
                 elif self.bank is not None:
@@ -448,6 +434,8 @@ class Session:
         return results.finish()
 
 
+# What a failed run puts back as it was, beside the bank's and the stream's tensors.
+ROLLED_BACK = ("bank", "stream", "key", "layout", "mode", "released", "settings")
 TRANSFER_CHUNK = 16
 # Chunks on their way to the host at once: the host waits for the oldest beyond these, so the
 # pinned memory a long batch holds stays a few chunks' worth.

@@ -1,7 +1,10 @@
 """The benchmark runs end to end (tiny model, CPU) and reports what it measured."""
 
+import importlib.util
 import re
 import sys
+import types
+from pathlib import Path
 
 import torch
 
@@ -110,14 +113,17 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "--vae only acts with --model" in capsys.readouterr().err
 
 
-def test_node_bench_compares_the_node_with_the_engine(tiny_diffusers_dir, tiny_taesd_dir, capsys):
-    import importlib.util
-    from pathlib import Path
+def bench_script(name: str) -> types.ModuleType:
+    """One of the scripts in bench/, loaded as a module."""
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "node.py"
-    spec = importlib.util.spec_from_file_location("node_bench", path)
-    node_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(node_bench)
+
+def test_node_bench_compares_the_node_with_the_engine(tiny_diffusers_dir, tiny_taesd_dir, capsys):
+    node_bench = bench_script("node")
     argv = ["--model", str(tiny_diffusers_dir), "--vae", str(tiny_taesd_dir), "--device", "cpu"]
     argv += ["--frames", "3", "--size", "32", "--runs", "2", "--accel", "off"]
     stand_ins = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "server")
@@ -201,13 +207,7 @@ def test_kernel_time_is_summed_per_kind_and_frame():
 
 
 def test_live_bench_times_the_live_loop_and_its_parts(tiny_diffusers_dir, tiny_taesd_dir, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "live.py"
-    spec = importlib.util.spec_from_file_location("live_bench", path)
-    live_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(live_bench)
+    live_bench = bench_script("live")
     argv = ["--model", str(tiny_diffusers_dir), "--vae", str(tiny_taesd_dir), "--device", "cpu"]
     argv += ["--width", "40", "--height", "24", "--frames", "6", "--warmup", "2", "--accel", "off"]
     assert live_bench.main(argv) == 0
