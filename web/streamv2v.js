@@ -283,10 +283,14 @@ function startLive(node) {
       if (live.video) return;
       try {
         live.video = await openCamera(message.width, message.height);
-        if (live.stopped) live.video.srcObject.getTracks().forEach((track) => track.stop());
       } catch (error) {
         const where = "the browser allows a camera only on localhost or over https";
         stopLive(node, `live: no camera (${error.message}); ${where}`, live);
+        return;
+      }
+      if (live.stopped) {
+        // stopped while the camera opened
+        live.video.srcObject.getTracks().forEach((track) => track.stop());
         return;
       }
       showStatus(node, `live: bank '${name}', ${message.width}x${message.height}\n${message.text}`);
