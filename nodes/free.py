@@ -7,6 +7,8 @@ models it loads (and for "unload models") by unloading only its own. Wrapping it
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
 from ..streamv2v.loading import resolve_device
@@ -150,4 +152,5 @@ def add_routes() -> None:
 
     @routes.post("/streamv2v/free")
     async def free(request):
-        return web.json_response({"released": release_models()})
+        # on a thread: releasing waits for a live camera's frame under way
+        return web.json_response({"released": await asyncio.to_thread(release_models)})

@@ -13,27 +13,31 @@ import asyncio
 
 from ..streamv2v.errors import StreamV2VError
 from ..streamv2v.live import MAX_FRAME_BYTES, LiveLoop
-from ..streamv2v.session import RunSettings, Session, no_live_stream, validate_bank_name
+from ..streamv2v.session import Session, no_live_stream, validate_bank_name
 from .bank import describe
 from .state import SESSIONS
 
 # The live loop of each bank, by name: one camera per bank, as one sampler per bank.
 LIVE: dict[str, LiveLoop] = {}
+# A page that went away without closing (a laptop asleep) gives its bank back within this.
+HEARTBEAT_S = 20.0
 
 
-def live_session(name: str) -> tuple[Session, RunSettings]:
-    """The session a live camera may continue and the settings it goes on with, or the reason
-    it may not."""
+def live_session(name: str) -> tuple[Session, tuple[int, int]]:
+    """The session a live camera may continue and the (height, width) of its frames, or the
+    reason it may not. Not the settings themselves: a connection open for hours would hold
+    their model after a release."""
     name = validate_bank_name(name)
     session = SESSIONS.find(name)
     if session is None:
         raise no_live_stream(name)
-    settings = session.live_settings()
+    size = session.live_settings().size
     if name in LIVE:
         raise StreamV2VError(
-            f"bank '{name}' is live already (in another tab or window): stop it there first"
+            f"bank '{name}' is live already (a sampler's Live camera, in this tab or another): "
+            "stop it there first"
         )
-    return session, settings
+    return session, size
 
 
 def add_live_route() -> None:
@@ -42,10 +46,10 @@ def add_live_route() -> None:
 
     @PromptServer.instance.routes.get("/streamv2v/live")
     async def live(request):
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES)
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=HEARTBEAT_S)
         await ws.prepare(request)
         try:
-            session, settings = live_session(request.query.get("name", ""))
+            session, (height, width) = live_session(request.query.get("name", ""))
         except StreamV2VError as exc:
             await ws.send_json({"type": "error", "text": str(exc)})
             await ws.close()
@@ -57,10 +61,6 @@ def add_live_route() -> None:
             session,
             lambda message: loop.call_soon_threadsafe(outbox.put_nowait, message),
             describe=lambda: describe(name),
-        )
-        height, width = settings.size
-        await ws.send_json(
-            {"type": "ready", "width": width, "height": height, "text": describe(name)}
         )
 
         async def forward() -> None:
@@ -77,8 +77,12 @@ def add_live_route() -> None:
                     await ws.close()
                     return
 
-        sender = asyncio.create_task(forward())
-        try:
+        sender = None
+        try:  # from here on the bank is this connection's until the finally gives it back
+            await ws.send_json(
+                {"type": "ready", "width": width, "height": height, "text": describe(name)}
+            )
+            sender = asyncio.create_task(forward())
             async for message in ws:
                 if message.type == WSMsgType.BINARY:
                     frames.offer(message.data)
@@ -86,5 +90,6 @@ def add_live_route() -> None:
             frames.close()
             if LIVE.get(name) is frames:
                 del LIVE[name]
-            sender.cancel()
+            if sender is not None:
+                sender.cancel()
         return ws

@@ -760,18 +760,23 @@ class FeatureBank:
     # -- inspection ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
-        """What the bank holds, for logs and the node UI."""
+        """What the bank holds, for logs and the node UI.
+
+        Asked for from other threads (an HTTP route, a live camera's status) while a run may
+        be adding layers: the layers are read from a copy, which Python takes in one step.
+        """
+        layers = list(self.layers.items())
         return {
             "kind": self.config.kind,
-            "layers": len(self.layers),
-            "tokens_per_layer": {name: e.tokens() for name, e in self.layers.items()},
+            "layers": len(layers),
+            "tokens_per_layer": {name: e.tokens() for name, e in layers},
             "frames_absorbed": self.frames_absorbed,
             "steps": self.steps,
             "bytes": self.nbytes(),
         }
 
     def nbytes(self) -> int:
-        return sum(e.nbytes() for e in self.layers.values())
+        return sum(e.nbytes() for e in list(self.layers.values()))
 
     def __repr__(self) -> str:
         return (

@@ -118,20 +118,21 @@ class LiveLoop:
         while (data := self._frames.get()) is not None and not self.closed:
             try:
                 output = self.session.run_live(decode_image(data), on_status=self._status)
+                self.send(encode_jpeg(output))
+                self.frames_out += 1
+                self._count()
             except FrameSizeError as exc:
                 height, width = exc.size
                 self.send({"type": "size", "width": width, "height": height})
-                continue
             except StreamV2VError as exc:
                 self._fail(str(exc))
                 return
-            except Exception as exc:  # noqa: BLE001  (the machine's, not the frame's: shown)
+            # The machine's failure, not the frame's: the sender still gets its answer, and the
+            # log the trace. A thread that died in silence would leave the sender waiting.
+            except Exception as exc:  # noqa: BLE001
                 log.exception("StreamV2V: the live stream '%s' failed", self.session.name)
                 self._fail(f"the live stream failed: {one_line(exc)}")
                 return
-            self.send(encode_jpeg(output))
-            self.frames_out += 1
-            self._count()
 
     def _count(self) -> None:
         self._counted += 1

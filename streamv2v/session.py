@@ -246,10 +246,16 @@ class Session:
         self.released = self._reset_pending = False
 
     def release(self) -> None:
-        """Let go of the stream (and so of its model); the bank stays."""
-        self.settings = None
-        if self.stream is not None:
-            self.stream, self.key, self.released = None, None, True
+        """Let go of the stream (and so of its model); the bank stays.
+
+        Waits for a frame under way (a live camera's, on a thread of its own): while it runs it
+        holds the model, which would outlive the release, and a failure would put the released
+        stream back.
+        """
+        with self._busy:
+            self.settings = None
+            if self.stream is not None:
+                self.stream, self.key, self.released = None, None, True
 
     def stats(self) -> dict[str, object]:
         stats: dict[str, object] = {"name": self.name, "runs": self.runs}
@@ -293,59 +299,69 @@ class Session:
         """
         if each_run not in EACH_RUN:
             raise StreamV2VError(f"each run must be one of {', '.join(EACH_RUN)}, not {each_run!r}")
-        count = len(frames)
-        if count == 0:
+        if len(frames) == 0:
             raise StreamV2VError("the image batch has no frames: connect at least one image")
-        size = to_rgb(frames[0], "the first image").shape[:2]
+        size = tuple(to_rgb(frames[0], "the first image").shape[:2])
+        settings = RunSettings(model, config, bank_config, prompt, negative_prompt, accel, size)
         with self._running():
-            saved = [getattr(self, name) for name in ROLLED_BACK]
-            # a released stream's bank is kept and refilled by the next stream: save it alone
-            checkpoint = (
-                self.stream.checkpoint() if self.stream else self.bank and self.bank.snapshot()
-            )
-            self.notes = []
-            try:
-                stream = self._stream_for(model, config, bank_config, each_run, accel, size)
-                stream.on_status = on_status
-                self.settings = RunSettings(
-                    model, config, bank_config, prompt, negative_prompt, accel, tuple(size)
-                )
-                if (prompt, negative_prompt) != (stream.prompt, stream.negative_prompt):
-                    stream.set_prompt(prompt, negative_prompt)
-                if count > 1:
-                    self.mode = "batch"
-                else:
-                    self.mode = "tail" if self.mode == "batch" else "live"
-                if self.mode == "live":
-                    outputs = torch.stack(self._live(stream, frames[0]))
-                    if on_frame is not None:
-                        on_frame(1, 1, outputs[-1])
-                else:
-                    outputs = self._batch(stream, frames, each_run, on_frame)
-                if stream.accel_note:  # read after the frames: compiling may have failed on them
-                    self.notes.append(stream.accel_note)
-            except BaseException as exc:
-                for name, value in zip(ROLLED_BACK, saved, strict=True):
-                    setattr(self, name, value)
-                if self.stream is not None:
-                    self.stream.rollback(checkpoint)
-                elif self.bank is not None:
-                    self.bank.restore(checkpoint)
-                if isinstance(exc, torch.cuda.OutOfMemoryError):
-                    h, w = size
-                    raise StreamV2VError(
-                        f"{w}x{h} frames at {len(config.timestep_indices)} steps do not fit in "
-                        "GPU memory: lower width/height, use fewer steps, or free memory"
-                    ) from exc
-                raise
-            self.runs += 1
-            return outputs
+            return self._run(settings, frames, each_run, on_frame, on_status)
+
+    def _run(
+        self,
+        settings: RunSettings,
+        frames: torch.Tensor | Sequence,
+        each_run: str,
+        on_frame: FrameCallback | None,
+        on_status: Callable[[str], None] | None,
+    ) -> torch.Tensor:
+        """``run``'s work, with the session held."""
+        model, config, bank_config, prompt, negative_prompt, accel, size = settings
+        count = len(frames)
+        saved = [getattr(self, name) for name in ROLLED_BACK]
+        # a released stream's bank is kept and refilled by the next stream: save it alone
+        checkpoint = self.stream.checkpoint() if self.stream else self.bank and self.bank.snapshot()
+        self.notes = []
+        try:
+            stream = self._stream_for(model, config, bank_config, each_run, accel, size)
+            stream.on_status = on_status
+            self.settings = settings
+            if (prompt, negative_prompt) != (stream.prompt, stream.negative_prompt):
+                stream.set_prompt(prompt, negative_prompt)
+            if count > 1:
+                self.mode = "batch"
+            else:
+                self.mode = "tail" if self.mode == "batch" else "live"
+            if self.mode == "live":
+                outputs = torch.stack(self._live(stream, frames[0]))
+                if on_frame is not None:
+                    on_frame(1, 1, outputs[-1])
+            else:
+                outputs = self._batch(stream, frames, each_run, on_frame)
+            if stream.accel_note:  # read after the frames: compiling may have failed on them
+                self.notes.append(stream.accel_note)
+        except BaseException as exc:
+            for name, value in zip(ROLLED_BACK, saved, strict=True):
+                setattr(self, name, value)
+            if self.stream is not None:
+                self.stream.rollback(checkpoint)
+            elif self.bank is not None:
+                self.bank.restore(checkpoint)
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                h, w = size
+                raise StreamV2VError(
+                    f"{w}x{h} frames at {len(config.timestep_indices)} steps do not fit in "
+                    "GPU memory: lower width/height, use fewer steps, or free memory"
+                ) from exc
+            raise
+        self.runs += 1
+        return outputs
 
     def live_settings(self) -> RunSettings:
         """The settings live frames go on with: the last run's, while its model is loaded."""
-        if self.settings is None:
+        settings = self.settings
+        if settings is None:
             raise no_live_stream(self.name)
-        return self.settings
+        return settings
 
     def run_live(
         self, frame: torch.Tensor, on_status: Callable[[str], None] | None = None
@@ -356,21 +372,14 @@ class Session:
         The frame must have the size the last run's frames had (``settings.size``): another
         size would start a new bank behind the caller's back.
         """
-        settings = self.live_settings()
         frame = to_rgb(frame, "the live frame")
-        if tuple(frame.shape[:2]) != settings.size:
-            raise FrameSizeError(tuple(frame.shape[:2]), settings.size)
-        return self.run(
-            settings.model,
-            settings.config,
-            settings.bank_config,
-            settings.prompt,
-            settings.negative_prompt,
-            frame[None],
-            "continue stream",
-            accel=settings.accel,
-            on_status=on_status,
-        )[0]
+        with self._running():
+            # Read with the session held: a queued run (new settings) or a release (no model)
+            # that came first is what this frame must go on from, not undo.
+            settings = self.live_settings()
+            if tuple(frame.shape[:2]) != settings.size:
+                raise FrameSizeError(tuple(frame.shape[:2]), settings.size)
+            return self._run(settings, frame[None], "continue stream", None, on_status)[0]
 
     def _stream_for(
         self,

@@ -313,11 +313,18 @@ class WebSocket:
     def send_bytes(self, data: bytes) -> None:
         self._send(0x2, data)
 
-    def wait(self, count: int, timeout: float = 120.0) -> list[dict[str, Any] | bytes]:
-        """The first ``count`` messages, once they came (fewer if the server closed)."""
+    def wait(
+        self, count: int, timeout: float = 120.0, kept: Callable[[Any], bool] = lambda m: True
+    ) -> list[dict[str, Any] | bytes]:
+        """The first ``count`` messages that ``kept`` keeps, once they came (fewer if the server
+        closed)."""
+
+        def received() -> list[dict[str, Any] | bytes]:
+            return [m for m in self.messages if kept(m)]
+
         with self.changed:
-            self.changed.wait_for(lambda: len(self.messages) >= count or self.closed, timeout)
-            return self.messages[:count]
+            self.changed.wait_for(lambda: len(received()) >= count or self.closed, timeout)
+            return received()[:count]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -2,7 +2,9 @@
 
 import io
 import re
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -167,6 +169,59 @@ def test_a_sender_that_does_not_wait_for_answers_is_stopped(monkeypatch):
         }
     ]
     assert loop.closed
+
+
+def waiting_for_the_session(session: Session, loop: LiveLoop) -> None:
+    """Until the loop's thread waits for the session that the test holds."""
+    for _ in range(int(TIMEOUT / 0.01)):
+        frame = sys._current_frames().get(loop._thread.ident)
+        names = []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        if "_running" in names:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the live frame never reached the session")
+
+
+def test_a_live_frame_goes_on_from_a_queued_run_that_came_first(tiny_model_taesd):
+    """A run queued meanwhile (the user changed the prompt and pressed Run) holds the session
+    while a live frame waits: the frame goes on with that run's settings, never back to the
+    ones it would have read before waiting."""
+    session = started(tiny_model_taesd)
+    answers = Answers()
+    loop = LiveLoop(session, answers)
+    with session._busy:  # the queued run
+        loop.offer(png(frames(1)[0]))
+        waiting_for_the_session(session, loop)
+        session.settings = session.settings._replace(prompt="a NEW prompt")
+    answers.wait(1)
+    loop.close()
+    assert session.settings.prompt == session.stream.prompt == "a NEW prompt"
+
+
+def test_a_release_waits_for_the_live_frame_and_is_not_undone(tiny_model_taesd):
+    """Unload Models while a live frame runs: the release waits for it (the model is in use
+    until then), and the stream does not come back with the released model afterwards."""
+    session = started(tiny_model_taesd)
+    answers = Answers()
+    loop = LiveLoop(session, answers)
+    with session._busy:  # a live frame about to run, a release asked for meanwhile
+        loop.offer(png(frames(1)[0]))
+        waiting_for_the_session(session, loop)
+        release = threading.Thread(target=session.release)
+        release.start()
+        time.sleep(0.2)
+        assert release.is_alive()  # waiting its turn
+    release.join(TIMEOUT)
+    answers.wait(1)  # the frame ran before the release took its turn, or came after it
+    if not loop.closed:
+        loop.offer(png(frames(1)[0]))
+        answers.wait(2)
+    loop.join(TIMEOUT)
+    assert session.settings is None and session.stream is None
+    assert answers.answers()[-1]["type"] == "error"  # the frame after the release
 
 
 def test_a_failed_live_frame_leaves_the_stream_and_the_settings_as_they_were(

@@ -257,7 +257,9 @@ function startLive(node) {
   const tick = () => {
     if (live.stopped) return;
     send();
-    live.video.requestVideoFrameCallback(tick);
+    // Each new camera frame; a browser without the callback (Firefox before 132) polls instead.
+    if (live.video.requestVideoFrameCallback) live.video.requestVideoFrameCallback(tick);
+    else setTimeout(tick, 1000 / 30);
   };
   live.socket.onmessage = async (event) => {
     if (live.stopped) return;
