@@ -25,13 +25,7 @@ from streamv2v import bench  # noqa: E402
 from streamv2v.bank import BankConfig  # noqa: E402
 from streamv2v.errors import StreamV2VError  # noqa: E402
 from streamv2v.live import LiveLoop, decode_image, encode_jpeg  # noqa: E402
-from streamv2v.loading import (  # noqa: E402
-    default_dtype,
-    load_model,
-    quiet_libraries,
-    resolve_device,
-    resolve_dtype,
-)
+from streamv2v.loading import default_dtype, resolve_device, resolve_dtype  # noqa: E402
 from streamv2v.session import Session  # noqa: E402
 from streamv2v.stream import StreamConfig  # noqa: E402
 
@@ -112,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             raise StreamV2VError("--frames, --warmup and --in-flight must be at least 1")
         device = resolve_device(args.device)
         dtype = resolve_dtype(default_dtype(device))
-        if args.model:
-            model = load_model(args.model, vae=args.vae, dtype=dtype, device=device)
-        else:
-            with quiet_libraries():
-                model = bench.random_sd15(device, dtype)
+        model = bench.bench_model(args.model, args.vae, device, dtype)
         frames = camera(30, args.width, args.height)
         session = Session("bench")
         start = time.perf_counter()

@@ -121,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = loading.resolve_device(args.device)
         dtype = loading.resolve_dtype(loading.default_dtype(device))
-        if args.model:
-            model = loading.load_model(args.model, vae=args.vae, dtype=dtype, device=device)
-        else:
-            with loading.quiet_libraries():
-                model = bench.random_sd15(device, dtype)
+        model = bench.bench_model(args.model, args.vae, device, dtype)
         spec = session.ModelSpec(model=args.model or "random")
         state.MODELS.adopt(spec, model)
         node = pack.NODE_CLASS_MAPPINGS["StreamV2VSampler"]()

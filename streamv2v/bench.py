@@ -98,6 +98,18 @@ class Result:
     allocated_mib: tuple[float, float] | None = None
 
 
+def bench_model(
+    path: str | None, vae: str | None, device: torch.device, dtype: torch.dtype
+) -> StreamModel:
+    """The model a benchmark's ``--model`` and ``--vae`` name, or the random SD1.5 + TAESD."""
+    if path:
+        return load_model(path, vae=vae, dtype=dtype, device=device)
+    if vae:
+        raise StreamV2VError("--vae only acts with --model: the random model uses TAESD")
+    with quiet_libraries():
+        return random_sd15(device, dtype)
+
+
 def measure(
     model: StreamModel,
     accel: str,
@@ -395,13 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype or default_dtype(device))
-        if args.model:
-            model = load_model(args.model, vae=args.vae, dtype=dtype, device=device)
-        elif args.vae:
-            raise StreamV2VError("--vae only acts with --model: the random model uses TAESD")
-        else:
-            with quiet_libraries():
-                model = random_sd15(device, dtype)
+        model = bench_model(args.model, args.vae, device, dtype)
         results = [
             measure(
                 model, accel, bank, steps, size, args.frames, args.warmup, args.profile, args.chunks

@@ -59,6 +59,14 @@ def to_rgb(frame: np.ndarray | torch.Tensor, what: str = "frame") -> torch.Tenso
     return frame
 
 
+def to_uint8(frame: np.ndarray | torch.Tensor, what: str = "frame") -> np.ndarray:
+    """A ``[H, W, 3]`` uint8 array on the host, what encoders (video, JPEG) take."""
+    if isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.shape[2:] == (3,):
+        return np.ascontiguousarray(frame)
+    rgb = to_rgb(frame, what).detach()
+    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
 MAX_SIDE = 4096  # the largest width or height a stream takes
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import StreamV2VError, one_line
+from .frames import to_uint8
 from .session import FrameSizeError, Session
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,8 @@ def encode_jpeg(image: torch.Tensor, quality: int = JPEG_QUALITY) -> bytes:
     """JPEG bytes of a ``[H, W, 3]`` float frame in 0..1 (the stream's output)."""
     from PIL import Image
 
-    array = image.mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(to_uint8(image, "the live output")).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 

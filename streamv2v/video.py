@@ -22,7 +22,7 @@ import torch
 from av.video.reformatter import ColorRange, Colorspace
 
 from .errors import StreamV2VError
-from .frames import to_rgb
+from .frames import to_uint8
 
 TIME_SCALE = 90000  # ticks a second for frame times, as MPEG transport streams use
 # A rate for the rare stream that declares none (raw elementary streams, some GIFs).
@@ -432,7 +432,7 @@ class VideoWriter:
         """
         if self._closed:
             raise StreamV2VError(f"output {self.path} is already closed: open a new writer")
-        rgb = _to_uint8(frame, f"frame {self.frames_written} for {self.path}")
+        rgb = to_uint8(frame, f"frame {self.frames_written} for {self.path}")
         if rgb.shape[:2] != (self.height, self.width):
             raise StreamV2VError(
                 f"frame {self.frames_written} is {rgb.shape[1]}x{rgb.shape[0]} but output "
@@ -521,13 +521,6 @@ def _check_writable(path: Path) -> None:
         raise StreamV2VError(f"output folder {folder} does not exist: create it first")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise StreamV2VError(f"output {path} is not writable: pick another path")
-
-
-def _to_uint8(frame: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
-    if isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.shape[2:] == (3,):
-        return np.ascontiguousarray(frame)
-    rgb = to_rgb(frame, what).detach()
-    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def _reason(error: BaseException) -> str:

@@ -150,6 +150,7 @@ function askOnChange(node, name) {
 // run's settings, and shows each restyled frame on the node. Two frames at most are out at a
 // time, so the camera's frames never queue up behind the GPU: the rest are not sent.
 const LIVE = "streamv2v_live";
+const LIVE_BUTTON = "Live camera";
 const IN_FLIGHT = 2;
 
 // The bank the sampler's next run would use: its Feature Bank node's name, or the one its last
@@ -225,7 +226,7 @@ function stopLive(node, text, live = node.streamv2vLive) {
   live.stopped = true;
   live.socket.close();
   live.video?.srcObject?.getTracks().forEach((track) => track.stop());
-  findWidget(node, "Live camera").label = "Live camera";
+  findWidget(node, LIVE_BUTTON).label = LIVE_BUTTON;
   if (text) showStatus(node, text);
   node.setDirtyCanvas?.(true, true);
 }
@@ -244,7 +245,7 @@ function startLive(node) {
     stopped: false,
   };
   node.streamv2vLive = live;
-  findWidget(node, "Live camera").label = "Stop live camera";
+  findWidget(node, LIVE_BUTTON).label = "Stop live camera";
   showStatus(node, `live: connecting to bank '${name}'`);
   const canvas = document.createElement("canvas");
   const image = liveView(node);
@@ -331,7 +332,7 @@ app.registerExtension({
       if (nodeData.name === SAMPLER) {
         const button = this.addWidget(
           "button",
-          "Live camera",
+          LIVE_BUTTON,
           null,
           () => (this.streamv2vLive ? stopLive(this, "live stopped") : startLive(this)),
           { serialize: false },
