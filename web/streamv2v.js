@@ -206,6 +206,30 @@ function liveURL(name) {
   return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}${route}`;
 }
 
+// Browsers give a camera only to secure pages: localhost, or https.
+const SECURE_ONLY =
+  "the browser gives a camera only to pages on localhost or https: open ComfyUI as " +
+  "http://localhost:<port> on the machine it runs on, or serve it over https (ComfyUI's " +
+  "--tls-keyfile and --tls-certfile)";
+
+// What to do when the browser gives no camera, by the reason getUserMedia names.
+function cameraProblem(error) {
+  const again = "then press Live camera again";
+  switch (error?.name) {
+    case "NotAllowedError": // refused, now or before, or dismissed
+      return (
+        "the camera is not allowed on this page: allow it (the icon at the left of the " +
+        `address bar), ${again}`
+      );
+    case "NotFoundError":
+      return `this browser finds no camera: connect one (or start a virtual camera), ${again}`;
+    case "NotReadableError":
+      return `the camera would not start: another program may be using it; close that, ${again}`;
+    default:
+      return `the camera failed (${error?.name}: ${error?.message})`;
+  }
+}
+
 async function openCamera(width, height) {
   const stream = await navigator.mediaDevices.getUserMedia({
     video: { width: { ideal: width }, height: { ideal: height } },
@@ -235,6 +259,10 @@ function startLive(node) {
   const name = samplerBank(node);
   if (!name) {
     showStatus(node, "live: connect a Feature Bank and run the workflow once first");
+    return;
+  }
+  if (!navigator.mediaDevices?.getUserMedia) {
+    showStatus(node, `live: no camera on this page: ${SECURE_ONLY}`);
     return;
   }
   const live = {
@@ -287,8 +315,7 @@ function startLive(node) {
       try {
         live.video = await openCamera(message.width, message.height);
       } catch (error) {
-        const where = "the browser allows a camera only on localhost or over https";
-        stopLive(node, `live: no camera (${error.message}); ${where}`, live);
+        stopLive(node, `live: ${cameraProblem(error)}`, live);
         return;
       }
       if (live.stopped) {
@@ -296,7 +323,10 @@ function startLive(node) {
         live.video.srcObject.getTracks().forEach((track) => track.stop());
         return;
       }
-      showStatus(node, `live: bank '${name}', ${message.width}x${message.height}\n${message.text}`);
+      // Named, so that a user with several sees which one (the browser's camera icon picks).
+      const camera = live.video.srcObject.getVideoTracks()[0]?.label || "camera";
+      const size = `${message.width}x${message.height}`;
+      showStatus(node, `live: bank '${name}', ${size}, ${camera}\n${message.text}`);
       tick();
     } else if (message.type === "status") {
       const rate = message.fps ? `${message.fps.toFixed(1)} frames/s, ` : "";
