@@ -11,7 +11,7 @@ from ..streamv2v.stream import CFG_TYPES, StreamConfig
 from . import comfy
 from .bank import BANK, BankHandle, describe
 from .loaders import MODEL
-from .state import BANK_USERS, MODELS, SESSIONS
+from .state import BANK_USERS, MODEL_IN_USE, MODELS, SESSIONS
 
 
 def samplers_sharing(graph: dict | None, node_id: str | None, name: str) -> list[str]:
@@ -281,18 +281,19 @@ class StreamV2VSampler:
         )
         bank_config = model.bank_config(bank.kind, bank.size, bank.interval)
         session = SESSIONS.get(bank.name)
-        outputs = session.run(
-            MODELS.get(model.spec),
-            config,
-            bank_config,
-            prompt,
-            negative_prompt,
-            images,
-            bank.each_run,
-            comfy.Progress(len(images)),
-            acceleration,
-            comfy.status_text(unique_id),
-        )
+        with MODEL_IN_USE:
+            outputs = session.run(
+                MODELS.get(model.spec),
+                config,
+                bank_config,
+                prompt,
+                negative_prompt,
+                images,
+                bank.each_run,
+                comfy.Progress(len(images)),
+                acceleration,
+                comfy.status_text(unique_id),
+            )
         text = "; ".join([describe(bank.name), *session.notes])
         # "bank": which bank the status describes, so the frontend can show that bank's new
         # state on this node when the bank is reset (the frontend gets every ui key)

@@ -7,6 +7,7 @@ outlives all of that. Here live the one loaded model and the named banks with th
 from __future__ import annotations
 
 import logging
+import threading
 
 from ..streamv2v.session import ModelCache, SessionRegistry
 
@@ -16,9 +17,14 @@ SESSIONS = SessionRegistry()
 MODELS = ModelCache(let_go=SESSIONS.drop_streams)
 # The sampler that last ran each bank, and in which queued run: (prompt id, node id) by name
 BANK_USERS: dict[str, tuple[str, str]] = {}
+# Held by a run from taking the model to its last frame, and by a release: a release (Free
+# Memory's route, on a thread of its own) that came between would leave the run's stream holding
+# a model the cache no longer knows, which the next run would then load a second time.
+MODEL_IN_USE = threading.RLock()
 
 
 def release_models() -> bool:
     """Free the pack's model (and the streams using it); banks are kept. True if any."""
-    SESSIONS.drop_streams()
-    return MODELS.clear()
+    with MODEL_IN_USE:
+        SESSIONS.drop_streams()
+        return MODELS.clear()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -485,6 +486,8 @@ class FeatureBank:
         self._draws: dict[str, torch.Tensor] = {}
         self._matcher = best_match_reference
         self.aside = False  # a static bank for the compiled fast path (``make_static``)
+        # ``reset`` against ``stats``, which other threads read (an HTTP route, a live status)
+        self._counting = threading.Lock()
 
     @property
     def _updating(self) -> bool:
@@ -521,9 +524,10 @@ class FeatureBank:
 
     def reset(self) -> None:
         """Forget every stored frame; the next frame seeds the bank afresh."""
-        self._replace_layers({})
-        self.steps = 0
-        self.frames_absorbed = 0
+        with self._counting:
+            self._replace_layers({})
+            self.steps = 0
+            self.frames_absorbed = 0
         self._updating = False
         if self.generator is not None and self.seed is not None:
             self.generator.manual_seed(self.seed)
@@ -763,16 +767,19 @@ class FeatureBank:
         """What the bank holds, for logs and the node UI.
 
         Asked for from other threads (an HTTP route, a live camera's status) while a run may
-        be adding layers: the layers are read from a copy, which Python takes in one step.
+        be adding layers or resetting the bank: the layers are read from a copy, which Python
+        takes in one step, with the counts, and not halfway through a reset.
         """
-        layers = list(self.layers.items())
+        with self._counting:
+            layers = list(self.layers.items())
+            absorbed, steps = self.frames_absorbed, self.steps
         return {
             "kind": self.config.kind,
             "layers": len(layers),
             "tokens_per_layer": {name: e.tokens() for name, e in layers},
-            "frames_absorbed": self.frames_absorbed,
-            "steps": self.steps,
-            "bytes": self.nbytes(),
+            "frames_absorbed": absorbed,
+            "steps": steps,
+            "bytes": sum(e.nbytes() for _, e in layers),
         }
 
     def nbytes(self) -> int:

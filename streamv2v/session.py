@@ -200,11 +200,16 @@ class Session:
     # The stream was let go with the model (Free Memory, Unload Models); the bank was kept.
     released: bool = False
     runs: int = 0
+    # What the last queued run noted (a new bank, a new stream, acceleration): live frames'
+    # notes are left out, or one coming between a run and its node's status would replace them.
     notes: list[str] = field(default_factory=list)
     # What the last run went with, for frames that come without a run of their own (a live
     # camera, ``run_live``); let go with the model.
     settings: RunSettings | None = None
+    # Held for a run, a live frame or a release; ``_flag`` orders a reset asked for meanwhile
+    # against the holder letting go, so that one of the two always does it.
     _busy: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _flag: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _reset_pending: bool = False
 
     def reset(self) -> bool:
@@ -214,13 +219,11 @@ class Session:
         for the run to end rather than pull the tensors from under the frames being computed.
         Returns False when it was left to the run.
         """
-        if not self._busy.acquire(blocking=False):
+        with self._flag:
             self._reset_pending = True
-            return False
-        try:
-            self._reset_now()
-        finally:
-            self._busy.release()
+            if not self._busy.acquire(blocking=False):
+                return False  # the holder does it as it lets go (``_let_go``)
+        self._let_go()
         return True
 
     @property
@@ -228,16 +231,22 @@ class Session:
         return self._reset_pending
 
     @contextmanager
-    def _running(self) -> Iterator[None]:
-        """Hold the session for a run; a reset asked for meanwhile is done when it ends."""
-        with self._busy:
-            if self._reset_pending:
-                self._reset_now()
+    def _held(self) -> Iterator[None]:
+        """Hold the session (a run, a live frame, a release); a reset asked for meanwhile is
+        done as it is let go."""
+        self._busy.acquire()
+        try:
+            yield
+        finally:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        with self._flag:  # a reset refused until now set its flag under this lock: seen here
             try:
-                yield
-            finally:
                 if self._reset_pending:
                     self._reset_now()
+            finally:
+                self._busy.release()
 
     def _reset_now(self) -> None:
         if self.bank is not None:
@@ -252,24 +261,27 @@ class Session:
         holds the model, which would outlive the release, and a failure would put the released
         stream back.
         """
-        with self._busy:
+        with self._held():
             self.settings = None
             if self.stream is not None:
                 self.stream, self.key, self.released = None, None, True
 
     def stats(self) -> dict[str, object]:
+        """Read without holding the session (routes, a live camera's status): each field once,
+        since a release or a reset may drop it in between."""
+        bank, stream, mode = self.bank, self.stream, self.mode
         stats: dict[str, object] = {"name": self.name, "runs": self.runs}
-        if self.bank is not None:
-            stats.update(self.bank.stats())
+        if bank is not None:
+            stats.update(bank.stats())
             tokens = stats["tokens_per_layer"].values()
             stats["tokens_per_layer"] = max(tokens, default=0)  # the largest layer, for display
-        if self.stream is not None:
-            frames_in = self.stream._next_index
+        if stream is not None:
+            frames_in = stream._next_index
             stats["frames_in"] = frames_in
             # How far a live output is behind its input: nothing in a batch (outputs in step)
             # or while the stream fills (the frame is finished early).
-            filling = frames_in <= self.stream.lag
-            stats["lag"] = self.stream.lag if self.mode == "live" and not filling else 0
+            filling = frames_in <= stream.lag
+            stats["lag"] = stream.lag if mode == "live" and not filling else 0
         return stats
 
     def run(
@@ -303,8 +315,9 @@ class Session:
             raise StreamV2VError("the image batch has no frames: connect at least one image")
         size = tuple(to_rgb(frames[0], "the first image").shape[:2])
         settings = RunSettings(model, config, bank_config, prompt, negative_prompt, accel, size)
-        with self._running():
-            return self._run(settings, frames, each_run, on_frame, on_status)
+        with self._held():
+            outputs, self.notes = self._run(settings, frames, each_run, on_frame, on_status)
+        return outputs
 
     def _run(
         self,
@@ -313,16 +326,16 @@ class Session:
         each_run: str,
         on_frame: FrameCallback | None,
         on_status: Callable[[str], None] | None,
-    ) -> torch.Tensor:
-        """``run``'s work, with the session held."""
+    ) -> tuple[torch.Tensor, list[str]]:
+        """``run``'s work, with the session held: the outputs and what the run noted."""
         model, config, bank_config, prompt, negative_prompt, accel, size = settings
         count = len(frames)
         saved = [getattr(self, name) for name in ROLLED_BACK]
         # a released stream's bank is kept and refilled by the next stream: save it alone
         checkpoint = self.stream.checkpoint() if self.stream else self.bank and self.bank.snapshot()
-        self.notes = []
+        notes: list[str] = []
         try:
-            stream = self._stream_for(model, config, bank_config, each_run, accel, size)
+            stream = self._stream_for(model, config, bank_config, each_run, accel, size, notes)
             stream.on_status = on_status
             self.settings = settings
             if (prompt, negative_prompt) != (stream.prompt, stream.negative_prompt):
@@ -338,7 +351,7 @@ class Session:
             else:
                 outputs = self._batch(stream, frames, each_run, on_frame)
             if stream.accel_note:  # read after the frames: compiling may have failed on them
-                self.notes.append(stream.accel_note)
+                notes.append(stream.accel_note)
         except BaseException as exc:
             for name, value in zip(ROLLED_BACK, saved, strict=True):
                 setattr(self, name, value)
@@ -354,7 +367,7 @@ class Session:
                 ) from exc
             raise
         self.runs += 1
-        return outputs
+        return outputs, notes
 
     def live_settings(self) -> RunSettings:
         """The settings live frames go on with: the last run's, while its model is loaded."""
@@ -373,13 +386,14 @@ class Session:
         size would start a new bank behind the caller's back.
         """
         frame = to_rgb(frame, "the live frame")
-        with self._running():
+        with self._held():
             # Read with the session held: a queued run (new settings) or a release (no model)
             # that came first is what this frame must go on from, not undo.
             settings = self.live_settings()
             if tuple(frame.shape[:2]) != settings.size:
                 raise FrameSizeError(tuple(frame.shape[:2]), settings.size)
-            return self._run(settings, frame[None], "continue stream", None, on_status)[0]
+            # its notes are not kept: they would replace those of the run a sampler shows
+            return self._run(settings, frame[None], "continue stream", None, on_status)[0][0]
 
     def _stream_for(
         self,
@@ -389,6 +403,7 @@ class Session:
         each_run: str,
         accel: str,
         size: tuple[int, int],
+        notes: list[str],
     ) -> StreamV2V:
         key = (id(model), config, bank_config, accel, size)
         if self.stream is not None and self.key == key and each_run == "continue stream":
@@ -396,17 +411,17 @@ class Session:
         layout = BankLayout.of(model, config, size)
         if self.bank is None or self.bank.config != bank_config:
             if self.bank is not None and self.bank.frames_absorbed:
-                self.notes.append("bank settings changed: started a new bank")
+                notes.append("bank settings changed: started a new bank")
             self.bank = FeatureBank(bank_config)
         elif each_run == "start new stream":
             self.bank = FeatureBank(bank_config)
         elif self.layout != layout and self.bank.frames_absorbed:
-            self.notes.append(f"{_what_changed(self.layout, layout)}: started a new bank")
+            notes.append(f"{_what_changed(self.layout, layout)}: started a new bank")
             self.bank = FeatureBank(bank_config)
         elif self.released:
-            self.notes.append("the model was released: new stream, bank kept")
+            notes.append("the model was released: new stream, bank kept")
         elif self.stream is not None:
-            self.notes.append("settings changed: new stream, bank kept")
+            notes.append("settings changed: new stream, bank kept")
         self.stream = StreamV2V(model, config, self.bank, accel=accel)
         self.key, self.layout, self.mode, self.released = key, layout, None, False
         return self.stream
@@ -584,7 +599,7 @@ class SessionRegistry:
 
     def drop_streams(self) -> None:
         """Let go of every stream (and so of the models they use); banks stay."""
-        for session in self._sessions.values():
+        for session in list(self._sessions.values()):  # a run may add one meanwhile
             session.release()
 
     def clear(self) -> None:

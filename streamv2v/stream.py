@@ -18,6 +18,8 @@ import inspect
 import json
 import logging
 import math
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -201,6 +203,21 @@ _STREAM_STATE = (
     "_last_output",
     "_aliases",
 )
+
+
+# One frame at a time on each UNet. Streams of one model, each on a thread of its own (a live
+# camera's and a queued run's, on two banks), install their own attention processors on it for
+# each call, and on a GPU share its time-embedding slot, its compiled functions and the CUDA
+# streams graphs are captured on.
+_FRAME_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+_FRAME_LOCKS_GUARD = threading.Lock()
+
+
+def frame_lock(unet: torch.nn.Module) -> threading.Lock:
+    with _FRAME_LOCKS_GUARD:
+        return _FRAME_LOCKS.setdefault(unet, threading.Lock())
 
 
 class StreamV2V:
@@ -496,6 +513,10 @@ class StreamV2V:
 
         Images come back on the model's device; the fast path once every shape is final.
         """
+        with frame_lock(self.pipe.unet):
+            return self._step_alone(x, tag)
+
+    def _step_alone(self, x: torch.Tensor, tag: int | None) -> list[tuple[int, torch.Tensor]]:
         if self._fast is not None and self._fast.ready():
             fast_image = self._fast(x)
 

@@ -179,7 +179,7 @@ def waiting_for_the_session(session: Session, loop: LiveLoop) -> None:
         while frame is not None:
             names.append(frame.f_code.co_name)
             frame = frame.f_back
-        if "_running" in names:
+        if "_held" in names:
             return
         time.sleep(0.01)
     raise AssertionError("the live frame never reached the session")
