@@ -438,6 +438,33 @@ def test_live_camera_streams_frames_on_the_sampler_without_queued_runs(page: Pag
     assert page.ours() == []
 
 
+def test_live_camera_follows_runs_that_change_the_model_or_the_bank(page: Page, server) -> None:
+    """Change a control and press Run while live: the live camera goes on after the run, even
+    when the run released its stream (another LoRA strength loads the model again), and moves
+    to the run's bank when the bank was renamed."""
+    first, second = (f"browser-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    page.load_template()
+    page.prepare(first)
+    page.run()
+    page.click_widget(SAMPLER, LIVE_BUTTON)
+    more_frames = (  # live on that bank, more than n frames since it went live
+        f"([bank, n]) => {{ const live = t.node('{SAMPLER}').streamv2vLive;"
+        " return live?.bank === bank && live.frames > n; }"
+    )
+    page.page.wait_for_function(more_frames, arg=[first, 5], timeout=RUN_TIMEOUT_MS)
+    page.js(f"() => t.set('{LOADER}', 'lcm_lora_strength', 0.5)")
+    assert page.js("() => t.run()")["type"] == "execution_success"
+    page.page.wait_for_function(more_frames, arg=[first, 5], timeout=RUN_TIMEOUT_MS)
+    page.js(f"(bank) => t.set('{BANK}', 'name', bank)", second)
+    assert page.js("() => t.run()")["type"] == "execution_success"
+    page.page.wait_for_function(more_frames, arg=[second, 5], timeout=RUN_TIMEOUT_MS)
+    page.click_widget(SAMPLER, LIVE_BUTTON)
+    page.page.wait_for_function(f"() => t.status('{SAMPLER}').startsWith('live stopped')")
+    banks = server.get("/streamv2v/banks")
+    assert banks[second]["runs"] > 5, banks[second]  # one queued run, then live frames
+    assert page.ours() == []
+
+
 # Browsers that give no camera: their Chromium switches, a script, what the sampler then says.
 NO_CAMERA = {
     "refused": ([FAKE_CAMERA], None, "the camera is not allowed on this page: allow it"),

@@ -243,6 +243,9 @@ async function openCamera(width, height) {
   return video;
 }
 
+// When the current queued run began: a live camera that the run ended goes on after it.
+let runStarted = Infinity;
+
 // End the node's live camera (``live``: only if it is still that one, not a later one).
 function stopLive(node, text, live = node.streamv2vLive) {
   if (!live || node.streamv2vLive !== live) return;
@@ -266,6 +269,7 @@ function startLive(node) {
     return;
   }
   const live = {
+    bank: name,
     socket: new WebSocket(liveURL(name)),
     inFlight: 0,
     frames: 0,
@@ -307,6 +311,7 @@ function startLive(node) {
     const message = JSON.parse(event.data);
     if (message.type === "error") {
       stopLive(node, `live stopped: ${message.text}`, live);
+      node.streamv2vLiveEnded = { bank: live.bank, at: Date.now() }; // see liveAfterRun
     } else if (message.type === "ready" || message.type === "size") {
       if (message.type === "size") live.inFlight -= 1;
       canvas.width = message.width;
@@ -337,10 +342,22 @@ function startLive(node) {
   live.socket.onerror = () => stopLive(node, "live: the connection to ComfyUI failed", live);
 }
 
+// After the sampler's run: the live camera follows the run's bank, and goes on when the run
+// ended it (a new model or LoRA releases the old one, and the stream with it).
+function liveAfterRun(node, bank) {
+  const live = node.streamv2vLive;
+  const ended = node.streamv2vLiveEnded;
+  node.streamv2vLiveEnded = null;
+  if (live && live.bank !== bank) stopLive(node, null, live);
+  else if (live || !(ended?.bank === bank && ended.at >= runStarted)) return;
+  startLive(node);
+}
+
 app.registerExtension({
   name: "StreamV2V.Nodes",
   setup() {
     api.addEventListener("execution_success", refreshBanks);
+    api.addEventListener("execution_start", () => (runStarted = Date.now()));
   },
   loadedGraphNode(node) {
     // Banks outlive the page: an opened workflow's bank may hold a stream, or be gone.
@@ -382,7 +399,10 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       if (message?.text?.length) showStatus(this, message.text.join("\n"));
-      if (message?.bank?.length) this.streamv2vBank = message.bank[0]; // for resetBank
+      if (message?.bank?.length) {
+        this.streamv2vBank = message.bank[0]; // for resetBank
+        if (nodeData.name === SAMPLER) liveAfterRun(this, message.bank[0]);
+      }
     };
   },
 });
