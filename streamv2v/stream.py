@@ -215,7 +215,7 @@ _FRAME_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock] = (
 _FRAME_LOCKS_GUARD = threading.Lock()
 
 
-def frame_lock(unet: torch.nn.Module) -> threading.Lock:
+def _frame_lock(unet: torch.nn.Module) -> threading.Lock:
     with _FRAME_LOCKS_GUARD:
         return _FRAME_LOCKS.setdefault(unet, threading.Lock())
 
@@ -513,7 +513,7 @@ class StreamV2V:
 
         Images come back on the model's device; the fast path once every shape is final.
         """
-        with frame_lock(self.pipe.unet):
+        with _frame_lock(self.pipe.unet):
             return self._step_alone(x, tag)
 
     def _step_alone(self, x: torch.Tensor, tag: int | None) -> list[tuple[int, torch.Tensor]]:
