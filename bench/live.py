@@ -87,8 +87,7 @@ def median_ms(action, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/live.py", description=__doc__)
-    parser.add_argument("--model", help="a model to use (default: random SD1.5 + TAESD)")
-    parser.add_argument("--vae", help="with --model: the VAE (e.g. a TAESD folder)")
+    bench.add_model_arguments(parser)
     parser.add_argument("--device", default="cuda", help="cuda, mps or cpu (default cuda)")
     parser.add_argument("--width", type=int, default=512, help="camera frame width")
     parser.add_argument("--height", type=int, default=384, help="camera frame height")

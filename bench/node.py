@@ -97,8 +97,10 @@ def node_defaults(node: type) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/node.py", description=__doc__)
-    parser.add_argument("--model", help="a model to use (default: random SD1.5 + TAESD)")
-    parser.add_argument("--vae", help="with --model: the VAE (e.g. a TAESD folder)")
+    # bench.add_model_arguments's two, written out: the pack is imported only once ComfyUI's
+    # stand-ins are in place, below
+    parser.add_argument("--model", help="a model to measure (default: random SD1.5 + TAESD)")
+    parser.add_argument("--vae", help="with --model: the VAE to use (e.g. a TAESD folder)")
     parser.add_argument("--device", default="cuda", help="cuda, mps or cpu (default cuda)")
     parser.add_argument("--frames", type=int, default=120, help="frames per node run")
     parser.add_argument("--size", type=int, default=512, help="square frame size")

@@ -98,6 +98,12 @@ class Result:
     allocated_mib: tuple[float, float] | None = None
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--model`` and ``--vae`` that ``bench_model`` takes, for every benchmark."""
+    parser.add_argument("--model", help="a model to measure (default: random SD1.5 + TAESD)")
+    parser.add_argument("--vae", help="with --model: the VAE to use (e.g. a TAESD folder)")
+
+
 def bench_model(
     path: str | None, vae: str | None, device: torch.device, dtype: torch.dtype
 ) -> StreamModel:
@@ -358,8 +364,7 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streamv2v.bench", description=__doc__)
-    parser.add_argument("--model", help="a model to measure (default: random SD1.5 + TAESD)")
-    parser.add_argument("--vae", help="with --model: the VAE to use (e.g. a TAESD folder)")
+    add_model_arguments(parser)
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
     parser.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default fp16 on GPU)")
     parser.add_argument("--sizes", type=_ints, default=[512], help="square sizes, e.g. 512,768")

@@ -171,18 +171,16 @@ def test_a_sender_that_does_not_wait_for_answers_is_stopped(monkeypatch):
     assert loop.closed
 
 
-def waiting_for_the_session(session: Session, loop: LiveLoop) -> None:
-    """Until the loop's thread waits for the session that the test holds."""
+def blocked_in(thread: threading.Thread, name: str, on=None) -> None:
+    """Wait until ``thread``'s stack has a frame of function ``name`` (a method of ``on``)."""
     for _ in range(int(TIMEOUT / 0.01)):
-        frame = sys._current_frames().get(loop._thread.ident)
-        names = []
+        frame = sys._current_frames().get(thread.ident)
         while frame is not None:
-            names.append(frame.f_code.co_name)
+            if frame.f_code.co_name == name and (on is None or frame.f_locals.get("self") is on):
+                return
             frame = frame.f_back
-        if "_held" in names:
-            return
         time.sleep(0.01)
-    raise AssertionError("the live frame never reached the session")
+    raise AssertionError(f"never reached {name}")
 
 
 def test_a_live_frame_goes_on_from_a_queued_run_that_came_first(tiny_model_taesd):
@@ -194,7 +192,7 @@ def test_a_live_frame_goes_on_from_a_queued_run_that_came_first(tiny_model_taesd
     loop = LiveLoop(session, answers)
     with session._busy:  # the queued run
         loop.offer(png(frames(1)[0]))
-        waiting_for_the_session(session, loop)
+        blocked_in(loop._thread, "_held", on=session)  # the frame waits for the session
         session.settings = session.settings._replace(prompt="a NEW prompt")
     answers.wait(1)
     loop.close()
@@ -209,7 +207,7 @@ def test_a_release_waits_for_the_live_frame_and_is_not_undone(tiny_model_taesd):
     loop = LiveLoop(session, answers)
     with session._busy:  # a live frame about to run, a release asked for meanwhile
         loop.offer(png(frames(1)[0]))
-        waiting_for_the_session(session, loop)
+        blocked_in(loop._thread, "_held", on=session)  # the frame waits for the session
         release = threading.Thread(target=session.release)
         release.start()
         time.sleep(0.2)

@@ -13,7 +13,7 @@ import torch
 
 from streamv2v.bank import LayerEntries
 from streamv2v.session import Session, SessionRegistry
-from tests.test_live import TIMEOUT, Answers, frames, png, started
+from tests.test_live import TIMEOUT, Answers, blocked_in, frames, png, started
 from tests.test_nodes import PACK, bank, comfy, load, sample, video  # noqa: F401 (fixture)
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -68,18 +68,6 @@ def traced(tracer, target, *args):
     thread = threading.Thread(target=body)
     thread.start()
     return thread, out
-
-
-def blocked_in(thread: threading.Thread, name: str, on=None) -> None:
-    """Wait until ``thread``'s stack has a frame of function ``name`` (a method of ``on``)."""
-    for _ in range(int(TIMEOUT / 0.01)):
-        frame = sys._current_frames().get(thread.ident)
-        while frame is not None:
-            if frame.f_code.co_name == name and (on is None or frame.f_locals.get("self") is on):
-                return
-            frame = frame.f_back
-        threading.Event().wait(0.01)
-    raise AssertionError(f"never reached {name}")
 
 
 # -- 1. two sessions run one UNet at once: a frame attends to the other bank -------------------

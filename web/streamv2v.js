@@ -348,8 +348,9 @@ function liveAfterRun(node, bank) {
   const live = node.streamv2vLive;
   const ended = node.streamv2vLiveEnded;
   node.streamv2vLiveEnded = null;
-  if (live && live.bank !== bank) stopLive(node, null, live);
-  else if (live || !(ended?.bank === bank && ended.at >= runStarted)) return;
+  const again = live ? live.bank !== bank : ended?.bank === bank && ended.at >= runStarted;
+  if (!again) return;
+  stopLive(node, null, live); // nothing when it had ended
   startLive(node);
 }
 
