@@ -410,10 +410,12 @@ def test_live_camera_streams_frames_on_the_sampler_without_queued_runs(page: Pag
         timeout=RUN_TIMEOUT_MS,
     )
     live = page.status(SAMPLER)
-    view = page.js(
+    # read between frames: each frame's new picture has no size until it has loaded
+    view = page.page.wait_for_function(
         f"() => {{ const e = t.widget('{SAMPLER}', 'streamv2v_live').element;"
-        " return [e.src, e.naturalWidth, e.naturalHeight, e.getBoundingClientRect().height]; }"
-    )
+        " return e.complete && e.naturalWidth > 0"
+        " && [e.src, e.naturalWidth, e.naturalHeight, e.getBoundingClientRect().height]; }"
+    ).json_value()
     assert view[0].startswith("blob:") and view[1:3] == [64, 48] and view[3] > 50, view
     assert f"bank '{bank}'" in live, live
     with page.page.expect_popup() as opened:  # the view alone, for a streaming program
