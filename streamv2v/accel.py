@@ -47,6 +47,7 @@ from .attention import (
 )
 from .bank import join_updates, self_attention_layers
 from .cachedir import kept_folder
+from .capture import capture_graph
 from .cudastreams import side_stream
 from .errors import StreamV2VError, describe_failure
 from .modes import ACCEL_MODES
@@ -354,13 +355,13 @@ class StaticStep:
         self._restore(saved)
         s.model.accelerated[variant] = True
 
-        graph = torch.cuda.CUDAGraph()
+        generators = []
         if bank.generator is not None and bank.generator.device.type == "cuda":
-            graph.register_generator_state(bank.generator)
+            generators.append(bank.generator)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with _cudnn_tuned(), bank.step_as(updating), torch.cuda.graph(graph, pool=self._pool):
-            self._body()
+        with _cudnn_tuned(), bank.step_as(updating):
+            graph = capture_graph(self._body, pool=self._pool, generators=generators)
         self.graphs[updating] = graph
         return graph
 

@@ -25,6 +25,7 @@ from .bank import FeatureBank, fuse, self_attention_layers
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
 from .cachedir import kept_folder
+from .capture import capture_graph
 from .cudastreams import side_stream
 from .errors import describe_failure
 
@@ -172,12 +173,14 @@ def time_kernel(kernel: AttentionKernel, *args) -> float:
         return (time.perf_counter() - start) / TIMED_CALLS
     side = side_stream(args[0].device, "warm-up")
     side.wait_stream(torch.cuda.current_stream(args[0].device))
-    graph = torch.cuda.CUDAGraph()
+
+    def calls() -> None:
+        for _ in range(TIMED_CALLS):
+            kernel(*args)
+
     with torch.cuda.stream(side):
         kernel(*args)
-        with torch.cuda.graph(graph, stream=side):
-            for _ in range(TIMED_CALLS):
-                kernel(*args)
+        graph = capture_graph(calls, stream=side)
         start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
         best = float("inf")
         for _ in range(3):
