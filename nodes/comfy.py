@@ -41,6 +41,11 @@ def _folder_paths():
     return folder_paths
 
 
+def recordings_folder() -> Path:
+    """Where live recordings go: ComfyUI's output folder, as for Save Image and Save Video."""
+    return Path(_folder_paths().get_output_directory()) / "streamv2v"
+
+
 def _files(kind: str) -> list[str]:
     fp = _folder_paths()
     try:

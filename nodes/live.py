@@ -4,23 +4,32 @@ A queued run per webcam frame (Run (Instant)) costs ComfyUI's own work around ev
 runs a second; the sampler's "Live camera" button (web/streamv2v.js) opens this WebSocket
 instead and streams frames through the engine's ``LiveLoop``, with the settings of the
 sampler's last run on that bank. Messages: see ``LiveLoop``; the first one is ``{"type":
-"ready", "width", "height", "text"}``, the frame size to send, or an error.
+"ready", "width", "height", "text"}``, the frame size to send, or an error. The page may send
+``{"type": "record", "on": true}`` (and ``false``) to keep the live output in a video file in
+ComfyUI's output folder (``recording_path``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import time
+from pathlib import Path
 
 from ..streamv2v.errors import StreamV2VError
 from ..streamv2v.live import MAX_FRAME_BYTES, LiveLoop
 from ..streamv2v.session import Session, no_live_stream, validate_bank_name
 from .bank import describe
+from .comfy import recordings_folder
 from .state import SESSIONS
 
 # The live loop of each bank, by name: one camera per bank, as one sampler per bank.
 LIVE: dict[str, LiveLoop] = {}
 # A page that went away without closing (a laptop asleep) gives its bank back within this.
 HEARTBEAT_S = 20.0
+# Recording files handed out in this process.
+GIVEN: set[Path] = set()
 
 
 def live_session(name: str) -> tuple[Session, tuple[int, int]]:
@@ -38,6 +47,34 @@ def live_session(name: str) -> tuple[Session, tuple[int, int]]:
             "stop it there first"
         )
     return session, size
+
+
+def recording_path(name: str, folder: Path) -> Path:
+    """A new file in ``folder`` for bank ``name``'s live output, named by the bank and the time
+    so that recordings sort, and never one given before (a file appears with its first frame)."""
+    stem = f"live-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, count = folder / f"{stem}.mp4", 1
+    while path.exists() or path in GIVEN:
+        count += 1
+        path = folder / f"{stem}-{count}.mp4"
+    GIVEN.add(path)
+    return path
+
+
+def record_request(text: str) -> bool:
+    """Whether the page asks to record (True) or to stop (False); its mistakes are said."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict) or message.get("type") != "record":
+        raise StreamV2VError(
+            f'the live connection takes camera frames and {{"type": "record", "on": '
+            f"true or false}}, not {text[:80]!r}"
+        )
+    if not isinstance(message.get("on"), bool):
+        raise StreamV2VError(f'a record message needs "on": true or false, not {text[:80]!r}')
+    return message["on"]
 
 
 def add_live_route() -> None:
@@ -86,6 +123,13 @@ def add_live_route() -> None:
             async for message in ws:
                 if message.type == WSMsgType.BINARY:
                     frames.offer(message.data)
+                elif message.type == WSMsgType.TEXT:
+                    try:
+                        on = record_request(message.data)
+                    except StreamV2VError as exc:
+                        outbox.put_nowait({"type": "error", "text": str(exc)})
+                        break
+                    frames.record(recording_path(name, recordings_folder()) if on else None)
         finally:
             frames.close()
             if LIVE.get(name) is frames:

@@ -313,6 +313,9 @@ class WebSocket:
     def send_bytes(self, data: bytes) -> None:
         self._send(0x2, data)
 
+    def send_json(self, message: Any) -> None:
+        self._send(0x1, json.dumps(message).encode())
+
     def wait(
         self, count: int, timeout: float = 120.0, kept: Callable[[Any], bool] = lambda m: True
     ) -> list[dict[str, Any] | bytes]:

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from comfy_server import (  # noqa: E402
     packs_under_test,
     widget_inputs,
 )
+from videos import probe  # noqa: E402
 
 COMFYUI_PATH, COMFYUI_PYTHON = comfyui_from_env()
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -69,6 +71,7 @@ UI_TIMEOUT_MS = 30_000
 LOADER, BANK, SAMPLER = "StreamV2VLoadModel", "StreamV2VFeatureBank", "StreamV2VSampler"
 OUR_NODES = (LOADER, "StreamV2VPatchAttention", BANK, SAMPLER)
 STATUS, RESET, LIVE_BUTTON = "streamv2v_status", "Reset bank", "Live camera"
+RECORD = "Record"
 MISSING_MODELS_SETTING = "Comfy.Workflow.ShowMissingModelsWarning"
 NODES_2_0_SETTING = "Comfy.VueNodes.Enabled"  # "Modern Node Design (Nodes 2.0)"
 SIDE_PANEL_SETTING = "Comfy.RightSidePanel.IsOpen"  # the selected node's widgets again (not 1.27)
@@ -156,7 +159,7 @@ class Page:
 
     def __init__(self, browser: Any, server: ComfyServer, script: str | None = None) -> None:
         """``script``: run in the page before its own, as the browser it stands for would."""
-        self.context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        self.context = browser.new_context(viewport={"width": 1600, "height": 1200})
         if script:
             self.context.add_init_script(script)
         self.page = self.context.new_page()
@@ -437,6 +440,66 @@ def test_live_camera_streams_frames_on_the_sampler_without_queued_runs(page: Pag
     # two queued runs, the rest live; the stream since the size change has its own count
     assert stats["runs"] > 30 and 0 < stats["frames_in"] < stats["runs"], stats
     print(f"\n{live.splitlines()[0]}")  # the rate this machine reached
+    assert page.ours() == []
+
+
+def finished(path: Path, timeout: float = 10.0) -> dict:
+    """What a player sees in ``path`` once the server has finished it: it does when the
+    connection has closed, a moment after the page's camera stopped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return probe(path)
+        except Exception:  # not there yet, or its index not written yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_record_keeps_the_live_frames_in_a_video_file(page: Page, server) -> None:
+    """Record while live: the restyled frames go into a file in ComfyUI's output folder,
+    named on the node; stopping the live camera while recording finishes the file too."""
+    bank = f"browser-{uuid.uuid4().hex[:8]}"
+    page.load_template()
+    page.prepare(bank)
+    page.run()
+    page.click_widget(SAMPLER, RECORD)
+    page.wait_status(
+        SAMPLER, "record: press Live camera first (Record keeps the live frames in a video)"
+    )
+    page.click_widget(SAMPLER, LIVE_BUTTON)
+    page.page.wait_for_function(f"() => /^live: [0-9.]+ frames\\/s/.test(t.status('{SAMPLER}'))")
+    page.click_widget(SAMPLER, RECORD)
+    folder = server.output_dir / "streamv2v"
+    page.page.wait_for_function(
+        f"() => t.status('{SAMPLER}').includes('recording {folder}/live-{bank}-')"
+    )
+    assert page.js(f"() => t.widget('{SAMPLER}', '{RECORD}').label") == "Stop recording"
+    page.page.wait_for_function(  # a second's status line says it is recording
+        f"() => /^live: [0-9.]+ frames\\/s, \\d+ frames\\nrecording /.test(t.status('{SAMPLER}'))"
+    )
+    page.click_widget(SAMPLER, RECORD)
+    page.page.wait_for_function(f"() => t.status('{SAMPLER}').startsWith('live: saved ')")
+    saved = re.fullmatch(r"live: saved (\S+) \((\d+) frames, ([0-9.]+) s\)", page.status(SAMPLER))
+    assert saved, page.status(SAMPLER)
+    path, count = Path(saved[1]), int(saved[2])
+    assert path.parent == folder and count > 5, saved.groups()
+    seen = probe(path)
+    assert (seen["width"], seen["height"], len(seen["frames"])) == (64, 48, count)
+    assert page.js(f"() => t.widget('{SAMPLER}', '{RECORD}').label") == RECORD
+
+    page.click_widget(SAMPLER, RECORD)  # again, then the live camera stopped meanwhile
+    page.page.wait_for_function(f"() => t.status('{SAMPLER}').startsWith('live: recording ')")
+    second = Path(page.status(SAMPLER).removeprefix("live: recording "))
+    assert second != path
+    page.page.wait_for_function(f"() => /\\d+ frames\\nrecording /.test(t.status('{SAMPLER}'))")
+    page.click_widget(SAMPLER, LIVE_BUTTON)
+    page.page.wait_for_function(
+        f"() => /^live stopped; the recording is saved in /.test(t.status('{SAMPLER}'))"
+    )
+    assert page.status(SAMPLER).endswith(str(second))
+    assert page.js(f"() => t.widget('{SAMPLER}', '{RECORD}').label") == RECORD
+    assert len(finished(second)["frames"]) > 0
     assert page.ours() == []
 
 

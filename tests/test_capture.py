@@ -154,7 +154,8 @@ def test_capture_retries_what_another_thread_spoiled_and_puts_the_stream_back(fa
 
 def test_capture_gives_up_after_its_tries_with_what_to_do(fake_cuda):
     fake_cuda.fails = {2 * n: RuntimeError("spoiled") for n in range(CAPTURE_TRIES)}
-    with pytest.raises(StreamV2VError, match="failed 3 times \\(last: RuntimeError: spoiled\\).*'off'"):
+    said = "failed 3 times \\(last: RuntimeError: spoiled\\).*'off'"
+    with pytest.raises(StreamV2VError, match=said):
         capture_graph(lambda: None)
     assert len(fake_cuda.streams) == CAPTURE_TRIES
 

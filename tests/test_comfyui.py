@@ -56,6 +56,7 @@ TINY = {
     "vae": "taesd",
 }
 WIDTH, HEIGHT = 64, 48
+ANSWERS = ("size", "error")  # a live connection's answers to frames, besides the images
 
 # The node interface (node spec, issue 3): input names in order, outputs.
 SPEC = {
@@ -437,13 +438,27 @@ def test_live_camera_continues_the_last_runs_stream(
     second.close()
 
     def answers(count: int) -> list:
-        """The ready message and the answers to frames: not the status lines between them."""
-        return live.wait(count, kept=lambda m: not (isinstance(m, dict) and m["type"] == "status"))
+        """The ready message and the answers to frames: not the status and recording lines."""
+        return live.wait(count, kept=lambda m: not isinstance(m, dict) or m["type"] in ANSWERS)
 
+    def said(kind: str) -> dict:
+        (message,) = live.wait(1, kept=lambda m: isinstance(m, dict) and m["type"] == kind)
+        return message
+
+    live.send_json({"type": "record", "on": True})  # the sampler's Record button
     for index in range(2, 7):  # one frame out at a time
         live.send_bytes(png(index))
         *_, image = answers(index)
         assert Image.open(io.BytesIO(image)).size == (WIDTH, HEIGHT)
+    live.send_json({"type": "record", "on": False})
+    recorded = said("recorded")
+    path = Path(recorded["file"])
+    assert said("recording")["file"] == recorded["file"]
+    assert path.parent == server.output_dir / "streamv2v"
+    assert path.name.startswith("live-test-live-")
+    assert (recorded["frames"], recorded["error"]) == (5, None), recorded
+    seen = probe(path)
+    assert (seen["width"], seen["height"], len(seen["frames"])) == (WIDTH, HEIGHT, 5)
     stats = bank_stats(server, "test-live")
     assert (stats["runs"], stats["frames_in"]) == (6, 6), stats
     live.send_bytes(png(7, WIDTH * 2, HEIGHT))

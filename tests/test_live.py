@@ -14,11 +14,13 @@ from PIL import Image
 import streamv2v.live as live_module
 from streamv2v.bank import BankConfig
 from streamv2v.errors import StreamV2VError
-from streamv2v.live import LiveLoop, decode_image, encode_jpeg
+from streamv2v.live import LiveLoop, LiveRecording, decode_image, encode_jpeg
 from streamv2v.session import Session
 from streamv2v.stream import StreamConfig
+from streamv2v.video import VideoReader
 
 TIMEOUT = 60.0
+ANSWERS = ("size", "error")  # the messages that answer a frame, besides the image
 
 
 def frames(count, width=32, height=24, seed=0):
@@ -47,8 +49,8 @@ class Answers:
             self.changed.notify_all()
 
     def answers(self) -> list:
-        """The answers to frames: images and size notes, not status lines."""
-        return [m for m in self.messages if not (isinstance(m, dict) and m["type"] == "status")]
+        """The answers to frames: images, size notes and errors, not status or recording lines."""
+        return [m for m in self.messages if not isinstance(m, dict) or m["type"] in ANSWERS]
 
     def wait(self, count: int) -> list:
         with self.changed:
@@ -250,3 +252,102 @@ def test_images_round_trip_through_the_codecs():
     assert (decode_image(jpeg).float() / 255 - smooth).abs().max() < 0.05
     with pytest.raises(StreamV2VError, match="not an image"):
         decode_image(b"")
+
+
+def messages_of(answers: Answers, kind: str) -> list[dict]:
+    return [m for m in answers.messages if isinstance(m, dict) and m["type"] == kind]
+
+
+def wait_for(answers: Answers, kind: str) -> dict:
+    with answers.changed:
+        assert answers.changed.wait_for(lambda: messages_of(answers, kind), TIMEOUT), (
+            answers.messages
+        )
+    return messages_of(answers, kind)[0]
+
+
+def test_a_recording_keeps_the_live_frames_at_the_times_they_came(tiny_model_taesd, tmp_path):
+    """What the camera showed, in a video file: the frames sent back, timed by the clock (a
+    pause in the live frames is a pause in the video), started and stopped while live."""
+    session = started(tiny_model_taesd)
+    answers = Answers()
+    loop = LiveLoop(session, answers)
+    camera = frames(8)
+    loop.offer(png(camera[0]))  # before the recording: not in it
+    answers.wait(1)
+    path = tmp_path / "out" / "live.mp4"
+    loop.record(path)
+    for index, frame in enumerate(camera[1:6]):
+        if index == 3:
+            time.sleep(0.5)
+        loop.offer(png(frame))
+        answers.wait(loop.frames_out + 1)
+    loop.record(None)
+    loop.offer(png(camera[6]))  # after it: not in it
+    answers.wait(7)
+    loop.close()
+    loop.join(TIMEOUT)
+    assert wait_for(answers, "recording") == {"type": "recording", "file": str(path)}
+    recorded = wait_for(answers, "recorded")
+    assert recorded["file"] == str(path) and recorded["frames"] == 5
+    assert recorded["dropped"] == 0 and recorded["error"] is None
+    with VideoReader(path) as video:
+        kept = list(video)
+        times = [float(t) for t in video.times]
+    assert len(kept) == 5 and kept[0].shape == (24, 32, 3)
+    sent = [decode_image(m).numpy() for m in answers.answers() if isinstance(m, bytes)][1:6]
+    for got, want in zip(kept, sent):  # two lossy codecs apart
+        assert np.abs(got.astype(float) - want.astype(float)).mean() < 12
+    gaps = np.diff(times)
+    assert gaps[2] > 0.45 and max(gaps[:2]) < gaps[2] and gaps[3] < gaps[2]
+    assert recorded["seconds"] == pytest.approx(times[-1], abs=0.01)
+
+
+def test_a_recording_ends_with_the_loop_and_an_empty_one_leaves_no_file(tiny_model_taesd, tmp_path):
+    session = started(tiny_model_taesd)
+    answers = Answers()
+    loop = LiveLoop(session, answers)
+    loop.record(tmp_path / "empty.mp4")
+    loop.record(tmp_path / "second.mp4")  # a new recording ends the one before
+    loop.offer(png(frames(1)[0]))
+    answers.wait(1)
+    loop.close()  # the page went away while recording
+    loop.join(TIMEOUT)
+    empty, second = messages_of(answers, "recorded")
+    assert empty["file"] is None and empty["frames"] == 0
+    assert not (tmp_path / "empty.mp4").exists()
+    assert second["file"] == str(tmp_path / "second.mp4") and second["frames"] == 1
+    with VideoReader(tmp_path / "second.mp4") as video:
+        assert len(list(video)) == 1
+
+
+def test_a_recording_stops_when_a_run_changes_the_frame_size(tmp_path):
+    recording = LiveRecording(tmp_path / "sized.mp4")
+    recording.add(np.zeros((24, 32, 3), np.uint8), 10.0)
+    recording.add(np.zeros((48, 64, 3), np.uint8), 10.1)
+    recording.add(np.zeros((24, 32, 3), np.uint8), 10.2)  # after the error: left out
+    recorded = recording.stop()
+    assert recorded["frames"] == 1
+    assert re.fullmatch(
+        r"the recording stopped at 64x48 frames: a run changed the stream's size from 32x24; "
+        r"press Record again for a file of the new size",
+        recorded["error"],
+    )
+    with VideoReader(tmp_path / "sized.mp4") as video:
+        assert len(list(video)) == 1  # what came before is kept, playable
+
+
+def test_a_recording_that_falls_behind_leaves_frames_out_and_counts_them(tmp_path, monkeypatch):
+    """The encoder must never hold the live frames up: past its backlog, frames are left out."""
+    monkeypatch.setattr(live_module, "RECORD_BACKLOG", 2)
+    release = threading.Event()
+    recording = LiveRecording(tmp_path / "slow.mp4")
+    write = recording._write
+    monkeypatch.setattr(recording, "_write", lambda *a: (release.wait(TIMEOUT), write(*a)))
+    start = time.monotonic()
+    for index in range(6):
+        recording.add(np.zeros((24, 32, 3), np.uint8), 10.0 + index / 30)
+    assert time.monotonic() - start < 1.0  # never waited for the encoder
+    release.set()
+    recorded = recording.stop()
+    assert recorded["dropped"] >= 3 and recorded["frames"] + recorded["dropped"] == 6

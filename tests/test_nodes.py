@@ -9,6 +9,7 @@ import gc
 import importlib.util
 import json
 import os
+import re
 import sys
 import types
 import weakref
@@ -720,3 +721,39 @@ def test_the_preview_is_the_frame_in_8_bits(comfy, monkeypatch):
     kind, picture, size = shown[0]
     assert (kind, size) == ("JPEG", 512)
     assert np.asarray(picture).tolist() == [[[0, 0, 64], [153, 255, 255]]]
+
+
+def test_live_recordings_get_new_names_in_comfyuis_output_folder(comfy, tmp_path, monkeypatch):
+    live = sys.modules[PACK + ".nodes.live"]
+    output = tmp_path / "output"
+    monkeypatch.setattr(
+        sys.modules["folder_paths"], "get_output_directory", lambda: str(output), raising=False
+    )
+    folder = sys.modules[PACK + ".nodes.comfy"].recordings_folder()
+    assert folder == output / "streamv2v"
+    monkeypatch.setattr(live.time, "strftime", lambda pattern: "20261123-153000")
+    first = live.recording_path("my bank/../x", folder)
+    assert first == folder / "live-my_bank_.._x-20261123-153000.mp4"
+    assert live.recording_path("my bank/../x", folder).name.endswith("153000-2.mp4")
+    folder.mkdir(parents=True)
+    (folder / "live-b-20261123-153000.mp4").touch()  # from an earlier ComfyUI
+    assert live.recording_path("b", folder).name == "live-b-20261123-153000-2.mp4"
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ('{"type": "record", "on": true}', True),
+        ('{"type": "record", "on": false}', False),
+        ("record", 'the live connection takes camera frames and {"type": "record", "on": true'),
+        ('{"type": "stop"}', "the live connection takes camera frames"),
+        ('{"type": "record", "on": "yes"}', 'a record message needs "on": true or false'),
+    ],
+)
+def test_a_live_pages_record_message_is_checked(comfy, text, said):
+    live = sys.modules[PACK + ".nodes.live"]
+    if isinstance(said, bool):
+        assert live.record_request(text) is said
+    else:
+        with pytest.raises(comfy.engine("errors").StreamV2VError, match=re.escape(said)):
+            live.record_request(text)

@@ -151,6 +151,7 @@ function askOnChange(node, name) {
 // time, so the camera's frames never queue up behind the GPU: the rest are not sent.
 const LIVE = "streamv2v_live";
 const LIVE_BUTTON = "Live camera";
+const RECORD_BUTTON = "Record";
 const IN_FLIGHT = 2;
 
 // The bank the sampler's next run would use: its Feature Bank node's name, or the one its last
@@ -254,6 +255,9 @@ function stopLive(node, text, live = node.streamv2vLive) {
   live.socket.close();
   live.video?.srcObject?.getTracks().forEach((track) => track.stop());
   findWidget(node, LIVE_BUTTON).label = LIVE_BUTTON;
+  findWidget(node, RECORD_BUTTON).label = RECORD_BUTTON;
+  // The server finishes the file when the connection ends.
+  if (text && live.recording) text += `; the recording is saved in ${live.recording}`;
   if (text) showStatus(node, text);
   node.setDirtyCanvas?.(true, true);
 }
@@ -275,6 +279,9 @@ function startLive(node) {
     frames: 0,
     urls: [],
     stopped: false,
+    recordOn: false, // Record pressed (and not pressed again)
+    recording: null, // the file being written, while recording
+    note: "", // what the last recording kept
   };
   node.streamv2vLive = live;
   findWidget(node, LIVE_BUTTON).label = "Stop live camera";
@@ -335,11 +342,43 @@ function startLive(node) {
       tick();
     } else if (message.type === "status") {
       const rate = message.fps ? `${message.fps.toFixed(1)} frames/s, ` : "";
-      showStatus(node, `live: ${rate}${live.frames} frames\n${message.text}`);
+      const note = live.recording ? `recording ${live.recording}\n` : live.note;
+      showStatus(node, `live: ${rate}${live.frames} frames\n${note}${message.text}`);
+    } else if (message.type === "recording") {
+      live.recording = message.file;
+      findWidget(node, RECORD_BUTTON).label = "Stop recording";
+      showStatus(node, `live: recording ${message.file}`);
+    } else if (message.type === "recorded") {
+      live.recording = null;
+      if (message.error) live.recordOn = false; // stopped by the server: press Record again
+      findWidget(node, RECORD_BUTTON).label = live.recordOn ? "Stop recording" : RECORD_BUTTON;
+      live.note = `${recordedText(message)}\n`;
+      showStatus(node, `live: ${recordedText(message)}`);
     }
   };
   live.socket.onclose = () => stopLive(node, `live stopped after ${live.frames} frames`, live);
   live.socket.onerror = () => stopLive(node, "live: the connection to ComfyUI failed", live);
+}
+
+// What a finished recording holds, or why it stopped.
+function recordedText(message) {
+  const left = message.dropped ? `, ${message.dropped} left out to keep up` : "";
+  const kept = message.file
+    ? `saved ${message.file} (${message.frames} frames, ${message.seconds.toFixed(1)} s${left})`
+    : "the recording stopped before any frame: nothing saved";
+  return message.error ? `${message.error}; ${kept}` : kept;
+}
+
+// Record (a button): the live frames, as shown, into a video file on the server.
+function toggleRecording(node) {
+  const live = node.streamv2vLive;
+  if (!live || live.socket.readyState !== WebSocket.OPEN) {
+    showStatus(node, "record: press Live camera first (Record keeps the live frames in a video)");
+    return;
+  }
+  live.recordOn = !live.recordOn; // as pressed, before the server's answer comes
+  live.socket.send(JSON.stringify({ type: "record", on: live.recordOn }));
+  findWidget(node, RECORD_BUTTON).label = live.recordOn ? "Stop recording" : RECORD_BUTTON;
 }
 
 // After the sampler's run: the live camera follows the run's bank, and goes on when the run
@@ -386,6 +425,10 @@ app.registerExtension({
           { serialize: false },
         );
         button.serialize = false;
+        const record = this.addWidget("button", RECORD_BUTTON, null, () => toggleRecording(this), {
+          serialize: false,
+        });
+        record.serialize = false;
         const onRemoved = this.onRemoved;
         this.onRemoved = function () {
           stopLive(this);
