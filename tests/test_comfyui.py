@@ -56,7 +56,7 @@ TINY = {
     "vae": "taesd",
 }
 WIDTH, HEIGHT = 64, 48
-ANSWERS = ("size", "error")  # a live connection's answers to frames, besides the images
+ANSWERS = ("ready", "size", "error")  # the live connection's first message and its answers
 
 # The node interface (node spec, issue 3): input names in order, outputs.
 SPEC = {
