@@ -126,8 +126,8 @@ def add_live_route() -> None:
                 elif message.type == WSMsgType.TEXT:
                     try:
                         on = record_request(message.data)
-                    except StreamV2VError as exc:
-                        outbox.put_nowait({"type": "error", "text": str(exc)})
+                    except StreamV2VError as exc:  # said at once: the sender is cancelled below
+                        await ws.send_json({"type": "error", "text": str(exc)})
                         break
                     frames.record(recording_path(name, recordings_folder()) if on else None)
         finally:

@@ -358,10 +358,8 @@ class StaticStep:
         generators = []
         if bank.generator is not None and bank.generator.device.type == "cuda":
             generators.append(bank.generator)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         with _cudnn_tuned(), bank.step_as(updating):
-            graph = capture_graph(self._body, pool=self._pool, generators=generators)
+            graph, self._pool = capture_graph(self._body, pool=self._pool, generators=generators)
         self.graphs[updating] = graph
         return graph
 

@@ -180,7 +180,7 @@ def time_kernel(kernel: AttentionKernel, *args) -> float:
 
     with torch.cuda.stream(side):
         kernel(*args)
-        graph = capture_graph(calls, stream=side)
+        graph, _ = capture_graph(calls, stream=side)
         start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
         best = float("inf")
         for _ in range(3):

@@ -238,18 +238,22 @@ class LiveLoop:
                 self.send(encode_jpeg(output))
                 if self._recording is not None:
                     self._recording.add(output, time.monotonic())
+                    if self._recording.error is not None:  # said now, not when the user stops
+                        self._stop_recording()
                 self.frames_out += 1
                 self._count()
             except FrameSizeError as exc:
                 height, width = exc.size
                 self.send({"type": "size", "width": width, "height": height})
             except StreamV2VError as exc:
+                self._stop_recording()  # before the error, after which the connection closes
                 self._fail(str(exc))
                 return
             # The machine's failure, not the frame's: the sender still gets its answer, and the
             # log the trace. A thread that died in silence would leave the sender waiting.
             except Exception as exc:  # noqa: BLE001
                 log.exception("StreamV2V: the live stream '%s' failed", self.session.name)
+                self._stop_recording()
                 self._fail(f"the live stream failed: {one_line(exc)}")
                 return
 

@@ -495,9 +495,11 @@ def test_record_keeps_the_live_frames_in_a_video_file(page: Page, server) -> Non
     page.page.wait_for_function(f"() => /\\d+ frames\\nrecording /.test(t.status('{SAMPLER}'))")
     page.click_widget(SAMPLER, LIVE_BUTTON)
     page.page.wait_for_function(
-        f"() => /^live stopped; the recording is saved in /.test(t.status('{SAMPLER}'))"
+        f"() => /^live stopped; finishing the recording /.test(t.status('{SAMPLER}'))"
     )
-    assert page.status(SAMPLER).endswith(str(second))
+    stopped = page.status(SAMPLER).splitlines()
+    assert stopped[0] == f"live stopped; finishing the recording {second}", stopped
+    assert stopped[1].startswith(f"saved {path} ("), stopped  # the one before, still named
     assert page.js(f"() => t.widget('{SAMPLER}', '{RECORD}').label") == RECORD
     assert len(finished(second)["frames"]) > 0
     assert page.ours() == []

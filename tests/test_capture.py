@@ -83,11 +83,12 @@ def spoiling(tries: int):
 
 
 @GPU
-def test_a_spoiled_capture_is_undone_and_tried_again():
+def test_a_spoiled_capture_is_undone_and_tried_again_in_a_new_pool():
     body, noise, out, calls = spoiling(1)
     before = torch.cuda.current_stream()
-    graph = capture_graph(body, generators=[noise])
-    assert len(calls) == 2
+    shared = torch.cuda.graph_pool_handle()  # as the stream's two graphs share one
+    graph, pool = capture_graph(body, pool=shared, generators=[noise])
+    assert len(calls) == 2 and pool != shared  # the spoiled pool is left alone
     assert torch.cuda.current_stream() == before
     torch.randn(4, device="cuda")  # the default generator draws outside a capture again
     torch.randn(4, device="cuda", generator=noise)
@@ -95,6 +96,9 @@ def test_a_spoiled_capture_is_undone_and_tried_again():
     first = out.clone()
     graph.replay()
     assert not torch.equal(first, out)  # the graph's own noise moves on at each replay
+    again, same = capture_graph(spoiling(0)[0], pool=pool)  # the next graph shares the new one
+    assert same == pool
+    again.replay()
 
 
 @GPU
@@ -107,6 +111,27 @@ def test_a_capture_that_keeps_failing_says_so_and_leaves_the_gpu_usable():
     assert torch.cuda.current_stream() == before
     torch.randn(4, device="cuda")
     torch.randn(4, device="cuda", generator=noise)
+    capture_graph(spoiling(0)[0])[0].replay()
+
+
+@GPU
+def test_captures_on_two_threads_take_turns():
+    """Each capture begins by synchronizing the device, which would spoil the other's."""
+    failures = []
+
+    def capture() -> None:
+        try:
+            for _ in range(5):
+                capture_graph(spoiling(0)[0])[0].replay()
+        except Exception as exc:  # noqa: BLE001
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=capture) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
 
 
 class FakeGraph:
@@ -120,23 +145,29 @@ class FakeGraph:
 def fake_cuda(monkeypatch):
     """Captures that fail as told, off the GPU: ``fails`` maps a capture's number (from 0) to
     what its end raises."""
-    seen = SimpleNamespace(fails={}, modes=[], streams=[])
+    seen = SimpleNamespace(fails={}, modes=[], pools=[], streams=[], ended=[])
+    handles = iter(range(100))
 
     @contextmanager
     def graph(cuda_graph, pool=None, stream=None, capture_error_mode="global"):
         seen.modes.append(capture_error_mode)
+        seen.pools.append(pool)
         yield
         if len(seen.modes) - 1 in seen.fails:
             raise seen.fails[len(seen.modes) - 1]  # as capture_end raises
 
-    def set_stream(stream):
-        seen.streams.append(stream)
-
     current = SimpleNamespace(device=torch.device("cpu"))
     monkeypatch.setattr(capture.torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(capture.torch.cuda, "graph", graph)
+    monkeypatch.setattr(capture.torch.cuda, "graph_pool_handle", lambda: (0, next(handles)))
+    monkeypatch.setattr(capture.torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(capture.torch.cuda, "current_stream", lambda: current)
-    monkeypatch.setattr(capture.torch.cuda, "set_stream", set_stream)
+    monkeypatch.setattr(capture.torch.cuda, "set_stream", seen.streams.append)
+    monkeypatch.setattr(
+        capture.torch._C, "_cuda_endAllocateToPool", lambda *a: seen.ended.append(a)
+    )
+    monkeypatch.setattr(capture, "side_stream", lambda device, purpose: "capture stream")
+    monkeypatch.setattr(capture.torch, "zeros", lambda *a, **k: torch.tensor([0.0]))
     seen.current = current
     return seen
 
@@ -145,29 +176,44 @@ def test_capture_retries_what_another_thread_spoiled_and_puts_the_stream_back(fa
     spoiled = RuntimeError("operation failed due to a previous error during capture")
     fake_cuda.fails = {0: spoiled, 2: spoiled}  # 1 and 3: the empty captures that undo them
     generator = torch.Generator()
-    graph = capture_graph(lambda: None, generators=[generator])
+    graph, pool = capture_graph(lambda: None, pool=(0, 99), generators=[generator])
     assert graph.generators == [generator]
     # three tries, and after each failure one empty capture that frees the generators
     assert fake_cuda.modes == ["thread_local"] * 5
+    # each try after a failure in a pool of its own; the spoiled ones told to stop capturing
+    assert [fake_cuda.pools[i] for i in (0, 2, 4)] == [(0, 99), (0, 0), (0, 1)] and pool == (0, 1)
+    assert fake_cuda.ended == [(0, (0, 99)), (0, (0, 0))]
     assert fake_cuda.streams == [fake_cuda.current, fake_cuda.current]
 
 
 def test_capture_gives_up_after_its_tries_with_what_to_do(fake_cuda):
-    fake_cuda.fails = {2 * n: RuntimeError("spoiled") for n in range(CAPTURE_TRIES)}
-    said = "failed 3 times \\(last: RuntimeError: spoiled\\).*'off'"
+    fake_cuda.fails = {2 * n: RuntimeError("spoiled during capture") for n in range(CAPTURE_TRIES)}
+    said = "failed 3 times \\(last: RuntimeError: spoiled during capture\\).*'off'"
     with pytest.raises(StreamV2VError, match=said):
         capture_graph(lambda: None)
     assert len(fake_cuda.streams) == CAPTURE_TRIES
 
 
 @pytest.mark.parametrize(
-    "error", [torch.cuda.OutOfMemoryError("out of memory"), StreamV2VError("the user's")]
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("out of memory"),
+        StreamV2VError("the user's"),
+        RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"),  # not the capture's: said as it is
+    ],
 )
 def test_capture_does_not_retry_what_trying_again_cannot_mend(fake_cuda, error):
     def body():
         raise error
 
-    with pytest.raises(type(error)):
+    with pytest.raises(type(error)) as raised:
         capture_graph(body)
+    assert raised.value is error
     assert fake_cuda.modes == ["thread_local"] * 2  # the try, and the capture that frees
     assert fake_cuda.streams == [fake_cuda.current]
+
+
+def test_a_failed_undo_says_what_failed_and_what_to_do(fake_cuda):
+    fake_cuda.fails = {0: RuntimeError("spoiled during capture"), 1: RuntimeError("busy")}
+    with pytest.raises(StreamV2VError, match="could not be undone .*busy.*restart ComfyUI"):
+        capture_graph(lambda: None)

@@ -351,3 +351,41 @@ def test_a_recording_that_falls_behind_leaves_frames_out_and_counts_them(tmp_pat
     release.set()
     recorded = recording.stop()
     assert recorded["dropped"] >= 3 and recorded["frames"] + recorded["dropped"] == 6
+
+
+def test_a_recording_is_summed_up_before_the_error_that_ends_the_loop(tiny_model_taesd, tmp_path):
+    """The connection closes after an error: what was recorded is said first."""
+    session = started(tiny_model_taesd)
+    answers = Answers()
+    loop = LiveLoop(session, answers)
+    loop.record(tmp_path / "kept.mp4")
+    loop.offer(png(frames(1)[0]))
+    answers.wait(1)
+    session.release()  # Unload Models while recording
+    loop.offer(png(frames(1)[0]))
+    answers.wait(2)
+    loop.join(TIMEOUT)
+    kinds = [m["type"] for m in answers.messages if isinstance(m, dict) and m["type"] != "status"]
+    assert kinds == ["recording", "recorded", "error"]
+    assert messages_of(answers, "recorded")[0]["frames"] == 1
+
+
+def test_a_recording_that_fails_says_so_while_live(tmp_path, monkeypatch):
+    """A run that changes the frame size ends the recording then, not when the user stops."""
+    session = Session("live")
+    sizes = iter([(24, 32)] + [(48, 64)] * 50)
+    monkeypatch.setattr(
+        session, "run_live", lambda frame, on_status=None: torch.zeros(*next(sizes), 3)
+    )
+    answers = Answers()
+    loop = LiveLoop(session, answers)
+    loop.record(tmp_path / "sized.mp4")
+    for count in range(1, 50):
+        loop.offer(png(frames(1)[0]))
+        answers.wait(count)
+        if messages_of(answers, "recorded"):
+            break
+    loop.close()
+    (recorded,) = messages_of(answers, "recorded")
+    assert recorded["frames"] == 1 and "a run changed the stream's size" in recorded["error"]
+    assert loop.frames_out == count  # the live frames went on

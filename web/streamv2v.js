@@ -256,8 +256,11 @@ function stopLive(node, text, live = node.streamv2vLive) {
   live.video?.srcObject?.getTracks().forEach((track) => track.stop());
   findWidget(node, LIVE_BUTTON).label = LIVE_BUTTON;
   findWidget(node, RECORD_BUTTON).label = RECORD_BUTTON;
-  // The server finishes the file when the connection ends.
-  if (text && live.recording) text += `; the recording is saved in ${live.recording}`;
+  // The server finishes the file when the connection ends (none without a frame).
+  if (text && live.recording && live.frames > live.recordedFrom) {
+    text += `; finishing the recording ${live.recording}`;
+  }
+  if (text && live.note) text += `\n${live.note.trim()}`;
   if (text) showStatus(node, text);
   node.setDirtyCanvas?.(true, true);
 }
@@ -281,6 +284,7 @@ function startLive(node) {
     stopped: false,
     recordOn: false, // Record pressed (and not pressed again)
     recording: null, // the file being written, while recording
+    recordedFrom: 0, // the frames shown when it began
     note: "", // what the last recording kept
   };
   node.streamv2vLive = live;
@@ -346,6 +350,7 @@ function startLive(node) {
       showStatus(node, `live: ${rate}${live.frames} frames\n${note}${message.text}`);
     } else if (message.type === "recording") {
       live.recording = message.file;
+      live.recordedFrom = live.frames;
       findWidget(node, RECORD_BUTTON).label = "Stop recording";
       showStatus(node, `live: recording ${message.file}`);
     } else if (message.type === "recorded") {
@@ -389,8 +394,13 @@ function liveAfterRun(node, bank) {
   node.streamv2vLiveEnded = null;
   const again = live ? live.bank !== bank : ended?.bank === bank && ended.at >= runStarted;
   if (!again) return;
+  const recording = live?.recording;
   stopLive(node, null, live); // nothing when it had ended
   startLive(node);
+  if (recording) {
+    node.streamv2vLive.note =
+      `the recording ${recording} ended when the run restarted the camera: press Record again\n`;
+  }
 }
 
 app.registerExtension({
