@@ -82,6 +82,12 @@ def spoiling(tries: int):
     return body, noise, out, calls
 
 
+def clean(**options) -> tuple:
+    """A graph of a body that captures at the first try, and its pool."""
+    body, noise, _, _ = spoiling(0)
+    return capture_graph(body, generators=[noise], **options)
+
+
 @GPU
 def test_a_spoiled_capture_is_undone_and_tried_again_in_a_new_pool():
     body, noise, out, calls = spoiling(1)
@@ -96,7 +102,7 @@ def test_a_spoiled_capture_is_undone_and_tried_again_in_a_new_pool():
     first = out.clone()
     graph.replay()
     assert not torch.equal(first, out)  # the graph's own noise moves on at each replay
-    again, same = capture_graph(spoiling(0)[0], pool=pool)  # the next graph shares the new one
+    again, same = clean(pool=pool)  # the next graph shares the new one
     assert same == pool
     again.replay()
 
@@ -111,7 +117,7 @@ def test_a_capture_that_keeps_failing_says_so_and_leaves_the_gpu_usable():
     assert torch.cuda.current_stream() == before
     torch.randn(4, device="cuda")
     torch.randn(4, device="cuda", generator=noise)
-    capture_graph(spoiling(0)[0])[0].replay()
+    clean()[0].replay()
 
 
 @GPU
@@ -122,7 +128,7 @@ def test_captures_on_two_threads_take_turns():
     def capture() -> None:
         try:
             for _ in range(5):
-                capture_graph(spoiling(0)[0])[0].replay()
+                clean()[0].replay()
         except Exception as exc:  # noqa: BLE001
             failures.append(repr(exc))
 
