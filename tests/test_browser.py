@@ -463,6 +463,13 @@ def test_record_keeps_the_live_frames_in_a_video_file(page: Page, server) -> Non
     page.load_template()
     page.prepare(bank)
     page.run()
+
+    def when_status_starts(start: str) -> str:
+        return page.page.wait_for_function(
+            "([type, start]) => { const s = t.status(type); return s.startsWith(start) && s; }",
+            arg=[SAMPLER, start],
+        ).json_value()
+
     page.click_widget(SAMPLER, RECORD)
     page.wait_status(
         SAMPLER, "record: press Live camera first (Record keeps the live frames in a video)"
@@ -479,18 +486,19 @@ def test_record_keeps_the_live_frames_in_a_video_file(page: Page, server) -> Non
         f"() => /^live: [0-9.]+ frames\\/s, \\d+ frames\\nrecording /.test(t.status('{SAMPLER}'))"
     )
     page.click_widget(SAMPLER, RECORD)
-    page.page.wait_for_function(f"() => t.status('{SAMPLER}').startsWith('live: saved ')")
-    saved = re.fullmatch(r"live: saved (\S+) \((\d+) frames, ([0-9.]+) s\)", page.status(SAMPLER))
-    assert saved, page.status(SAMPLER)
+    said = when_status_starts("live: saved ")  # read at once: a status line comes each second
+    saved = re.fullmatch(
+        r"live: saved (\S+) \((\d+) frames, ([0-9.]+) s(, \d+ left out to keep up)?\)", said
+    )
+    assert saved, said
     path, count = Path(saved[1]), int(saved[2])
-    assert path.parent == folder and count > 5, saved.groups()
+    assert path.parent == folder and count > 0, saved.groups()
     seen = probe(path)
     assert (seen["width"], seen["height"], len(seen["frames"])) == (64, 48, count)
     assert page.js(f"() => t.widget('{SAMPLER}', '{RECORD}').label") == RECORD
 
     page.click_widget(SAMPLER, RECORD)  # again, then the live camera stopped meanwhile
-    page.page.wait_for_function(f"() => t.status('{SAMPLER}').startsWith('live: recording ')")
-    second = Path(page.status(SAMPLER).removeprefix("live: recording "))
+    second = Path(when_status_starts("live: recording ").removeprefix("live: recording "))
     assert second != path
     page.page.wait_for_function(f"() => /\\d+ frames\\nrecording /.test(t.status('{SAMPLER}'))")
     page.click_widget(SAMPLER, LIVE_BUTTON)
