@@ -49,7 +49,7 @@ def capture_graph(
     """
     device = torch.device("cuda", torch.cuda.current_device())
     stream = stream or side_stream(device, "capture")
-    failures = []
+    last = ""
     with ONE_AT_A_TIME:
         for _ in range(CAPTURE_TRIES):
             pool = pool or torch.cuda.graph_pool_handle()
@@ -66,12 +66,12 @@ def capture_graph(
                 pool = None
                 if not _spoiled(exc):
                     raise  # not another thread's doing: trying again cannot help
-                failures.append(describe_failure(exc))
-                log.warning("capturing a CUDA graph failed, trying again: %s", failures[-1])
+                last = describe_failure(exc)
+                log.warning("capturing a CUDA graph failed, trying again: %s", last)
             else:
                 return graph, pool
     raise StreamV2VError(
-        f"capturing a CUDA graph failed {CAPTURE_TRIES} times (last: {failures[-1]}): another "
+        f"capturing a CUDA graph failed {CAPTURE_TRIES} times (last: {last}): another "
         "workflow may have been using the GPU at the same moment; run again, or set "
         "acceleration to 'off'"
     )

@@ -82,13 +82,17 @@ class LiveRecording:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.frames = self.dropped = 0
+        self.dropped = 0
         self.error: str | None = None
         self._times: tuple[float, float] | None = None  # the first frame's and the last's
         self._writer: VideoWriter | None = None
         self._backlog: queue.Queue[tuple[np.ndarray, float] | None] = queue.Queue(RECORD_BACKLOG)
         self._thread = threading.Thread(target=self._work, name=f"record {path.name}", daemon=True)
         self._thread.start()
+
+    @property
+    def frames(self) -> int:
+        return self._writer.frames_written if self._writer is not None else 0
 
     def add(self, frame: np.ndarray, at: float) -> None:
         """Hand a uint8 frame shown at ``at`` (``time.monotonic()``) to the encoder; never waits."""
@@ -143,7 +147,6 @@ class LiveRecording:
         at = max(at, last + 1 / 1000) if self.frames else at  # a clock that did not move
         self._writer.write(frame, Fraction(at - first))
         self._times = (first, at)
-        self.frames += 1
 
 
 @dataclass(frozen=True)
